@@ -1,0 +1,1 @@
+"""Export layer: StageSpec, ONNX export, engines (ONNX Runtime, TensorRT, AOTInductor), engine cache."""

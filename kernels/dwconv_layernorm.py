@@ -1,0 +1,120 @@
+"""Depthwise 3x3 conv (zero padding 1, bias) fused with LayerNorm over C: the first half of Stage B/C's ResBlock.
+
+``ResBlock``: ``h = LayerNorm2d(depthwise(x))`` (no affine, eps 1e-6). On an NHWC activation one program owns a
+strip of ``BLOCK_W`` pixels of one image row and ALL channels (``BLOCK_C = next_pow2(C)``): it accumulates the 9
+taps in fp32 registers, then takes the LayerNorm statistics of the finished conv output without it ever leaving
+the SM (two-pass mean / variance over registers, exact). DRAM traffic is one read of x (the 3x3 halo is served
+from L1/L2) and one write of the output: 2 * B*H*W*C * itemsize bytes, against torch's conv (R+W), two permute
+copies and a LayerNorm (R+W).
+
+The output can be a channel slice of a wider NHWC buffer (``out=buf[..., :C]``) so that ResBlock's skip
+concatenation is written in place. The weight is read through its strides: pass the Conv2d weight (C, 1, 3, 3)
+as is, or a channel-last view of it (``w.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)``) for coalesced
+loads on the GPU (the triton backend does that once).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._common import cast_to, check_nhwc, check_shape, check_tensor, pick_configs, pruned
+
+EPS = 1e-6
+
+
+def dwconv_layernorm_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """Plain torch: NHWC x -> conv2d(groups=C, padding=1) -> LayerNorm over C (stats in fp32) -> x.dtype, NHWC."""
+    c = x.shape[-1]
+    y = F.conv2d(x.permute(0, 3, 1, 2), weight, bias, padding=1, groups=c).permute(0, 2, 3, 1)
+    return F.layer_norm(y.float(), (c,), eps=eps).to(x.dtype)
+
+
+def _configs():
+    gpu = [triton.Config({"BLOCK_W": bw}, num_warps=nw) for bw in (1, 2, 4, 8, 16, 32) for nw in (4, 8, 16)]
+    return pick_configs(gpu, triton.Config({"BLOCK_W": 4}, num_warps=4))
+
+
+def _keep(cfg, args) -> bool:
+    # Tile = BLOCK_W pixels x BLOCK_C channels of fp32: keep 16..64 accumulator values per thread, and do not
+    # make the strip wider than the image row.
+    tile = cfg.kwargs["BLOCK_W"] * args["BLOCK_C"]
+    per_thread = tile // (32 * cfg.num_warps)
+    return 16 <= per_thread <= 64 and cfg.kwargs["BLOCK_W"] <= max(triton.next_power_of_2(args["W"]), 1)
+
+
+@triton.autotune(configs=_configs(), key=["H", "W", "C"], prune_configs_by={"early_config_prune": pruned(_keep)})
+@triton.jit
+def _dwconv_layernorm_kernel(
+    x_ptr, w_ptr, b_ptr, out_ptr,
+    H, W, C,
+    sxb, sxh, sxw,
+    swc, swy, swx,
+    sob, soh, sow,
+    eps,
+    BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    row = tl.program_id(0)  # b * H + h
+    b = row // H
+    h = row % H
+    offs_w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    offs_c = tl.arange(0, BLOCK_C)
+    cmask = offs_c < C
+    wmask = offs_w < W
+
+    acc = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+    acc += tl.load(b_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    x_base = x_ptr + b.to(tl.int64) * sxb
+    for ky in tl.static_range(3):
+        hh = h + ky - 1
+        row_ok = (hh >= 0) & (hh < H)
+        for kx in tl.static_range(3):
+            ww = offs_w + (kx - 1)
+            m = row_ok & (ww >= 0) & (ww < W)
+            xv = tl.load(x_base + hh * sxh + ww[:, None] * sxw + offs_c[None, :],
+                         mask=m[:, None] & cmask[None, :], other=0.0)
+            wv = tl.load(w_ptr + offs_c * swc + ky * swy + kx * swx, mask=cmask, other=0.0)
+            acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+
+    mean = tl.sum(acc, axis=1) / C  # masked channels hold exactly 0 (zero bias, zero taps)
+    d = tl.where(cmask[None, :], acc - mean[:, None], 0.0)
+    var = tl.sum(d * d, axis=1) / C
+    y = d * tl.rsqrt(var + eps)[:, None]
+    out = out_ptr + b.to(tl.int64) * sob + h * soh + offs_w[:, None] * sow + offs_c[None, :]
+    tl.store(out, cast_to(y, out_ptr.dtype.element_ty), mask=wmask[:, None] & cmask[None, :])
+
+
+def dwconv_layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, eps: float = EPS,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """LayerNorm_C(depthwise_conv3x3(x) + bias) for an NHWC activation ``x`` (B, H, W, C); output in x.dtype.
+
+    ``weight``: the depthwise Conv2d weight (C, 1, 3, 3) (any strides); ``bias``: (C,).
+    ``out``: optional (B, H, W, C) destination with unit channel stride, e.g. ``buf[..., :C]`` of a wider buffer.
+    """
+    check_nhwc(x)
+    bsz, h, w, c = x.shape
+    check_tensor(weight, "weight", ndim=4, device=x.device)
+    check_shape(weight, "weight (depthwise Conv2d weight)", (c, 1, 3, 3))
+    check_tensor(bias, "bias", ndim=1, device=x.device)
+    check_shape(bias, "bias", (c,))
+    if out is None:
+        out = torch.empty_like(x)
+    else:
+        check_tensor(out, "out", ndim=4, dtypes=(x.dtype,), device=x.device)
+        check_shape(out, "out", x.shape)
+        if out.stride(3) != 1:
+            raise ValueError(f"out must have unit channel stride (an NHWC buffer or a channel slice of one), "
+                             f"got strides {out.stride()}")
+    if c > 8192:
+        raise ValueError(f"dwconv_layernorm keeps a whole pixel's channels in registers; C={c} > 8192 is unsupported")
+    block_c = triton.next_power_of_2(c)
+    grid = lambda meta: (bsz * h, triton.cdiv(w, meta["BLOCK_W"]))  # noqa: E731
+    _dwconv_layernorm_kernel[grid](
+        x, weight, bias, out, h, w, c,
+        x.stride(0), x.stride(1), x.stride(2),
+        weight.stride(0), weight.stride(2), weight.stride(3),
+        out.stride(0), out.stride(1), out.stride(2),
+        eps, BLOCK_C=block_c,
+    )
+    return out

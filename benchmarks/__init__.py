@@ -1,0 +1,1 @@
+"""Benchmarks: workloads, timing, accuracy, roofline, reports and plots (installed as `cascade_rt.benchmarks`)."""

@@ -86,3 +86,12 @@ def cast_to(y, dtype: tl.constexpr):
         u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
         y = u.to(tl.float32, bitcast=True)
     return y.to(dtype)
+
+
+@triton.jit
+def dot(a, b, acc, PRECISION: tl.constexpr):
+    """``tl.dot(a, b, acc)``. The 3.x interpreter multiplies bf16 operands as their raw uint16 bits; since a
+    bf16 x bf16 product is exact in fp32 (and the GPU accumulates in fp32), upcasting there is a faithful stand-in."""
+    if _INTERPRET:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PRECISION)

@@ -7,7 +7,8 @@ straight out of the QKV buffer (no split, no head transpose) and walks the key s
 N image keys, then the S conditioning keys (masked tail, S = 85 for Stage C, 4 for Stage B) — so the
 concatenation is never materialised. Online softmax in exp2 with fp32 running max / sum / accumulator; P is
 cast to the input dtype for the PV product (as in FlashAttention-2). Output (B, N, C), heads side by side,
-ready for out_proj. One program = BLOCK_M queries of one (sample, head).
+ready for out_proj. One program = BLOCK_M queries of one (sample, head). head_dim is a constexpr: 64 in
+every released model (32..128 powers of two run unmasked; other sizes, e.g. the tiny presets', are padded).
 """
 from __future__ import annotations
 
@@ -35,21 +36,22 @@ def attention_ref(qkv: torch.Tensor, heads: int, cond_k: torch.Tensor | None = N
 
 
 @triton.jit
-def _attend(acc, m_i, l_i, q, k_base, v_base, s_kn, s_vn, start, end, qk_scale,
-            HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
-    offs_d = tl.arange(0, HEAD_DIM)
+def _attend(acc, m_i, l_i, q, k_base, v_base, s_kn, s_vn, start, end, qk_scale, HEAD_DIM: tl.constexpr,
+            BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    offs_d = tl.arange(0, BLOCK_D)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        if MASKED:
-            nmask = offs_n < end
-            kt = tl.load(k_base + offs_n[None, :] * s_kn + offs_d[:, None], mask=nmask[None, :], other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :], mask=nmask[:, None], other=0.0)
+        kt_ptrs = k_base + offs_n[None, :] * s_kn + offs_d[:, None]
+        v_ptrs = v_base + offs_n[:, None] * s_vn + offs_d[None, :]
+        if MASKED or BLOCK_D != HEAD_DIM:
+            kt = tl.load(kt_ptrs, mask=(offs_n[None, :] < end) & (offs_d[:, None] < HEAD_DIM), other=0.0)
+            v = tl.load(v_ptrs, mask=(offs_n[:, None] < end) & (offs_d[None, :] < HEAD_DIM), other=0.0)
         else:
-            kt = tl.load(k_base + offs_n[None, :] * s_kn + offs_d[:, None])
-            v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :])
+            kt = tl.load(kt_ptrs)
+            v = tl.load(v_ptrs)
         qk = dot(q, kt, tl.zeros((q.shape[0], BLOCK_N), tl.float32), PRECISION) * qk_scale  # log2 domain
         if MASKED:
-            qk = tl.where(nmask[None, :], qk, float("-inf"))
+            qk = tl.where((offs_n < end)[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(qk - m_new[:, None])
@@ -62,11 +64,11 @@ def _attend(acc, m_i, l_i, q, k_base, v_base, s_kn, s_vn, start, end, qk_scale,
 def _configs():
     gpu = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=nw, num_stages=ns)
            for bm in (64, 128) for bn in (32, 64, 128) for nw in (4, 8) for ns in (2, 3, 4)]
-    return pick_configs(gpu, triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1))
+    return pick_configs(gpu, triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1))
 
 
 def _keep(cfg, args) -> bool:
-    bm, bn, d = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], args["HEAD_DIM"]
+    bm, bn, d = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], args["BLOCK_D"]
     itemsize = 4 if args["PRECISION"] == "ieee" else 2
     smem = cfg.num_stages * 2 * bn * d * itemsize + bm * d * itemsize  # pipelined K, V tiles + Q
     return (smem <= 180 * 1024
@@ -80,33 +82,34 @@ def _keep(cfg, args) -> bool:
 @triton.jit
 def _attention_kernel(qkv_ptr, ck_ptr, cv_ptr, o_ptr, N, S, heads, C,
                       s_xb, s_xn, s_ckb, s_ckn, s_cvb, s_cvn, s_ob, s_on, qk_scale,
-                      HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, PRECISION: tl.constexpr,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PRECISION: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     bh = tl.program_id(1)
     b = (bh // heads).to(tl.int64)
     col = (bh % heads) * HEAD_DIM
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
     mmask = offs_m < N
+    dmask = offs_d < HEAD_DIM
     x_base = qkv_ptr + b * s_xb + col
-    q = tl.load(x_base + offs_m[:, None] * s_xn + offs_d[None, :], mask=mmask[:, None], other=0.0)
+    q = tl.load(x_base + offs_m[:, None] * s_xn + offs_d[None, :], mask=mmask[:, None] & dmask[None, :], other=0.0)
 
-    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     n_full = (N // BLOCK_N) * BLOCK_N
     # image keys/values: columns C + col and 2C + col of the QKV buffer; whole blocks, then the masked tail
     acc, m_i, l_i = _attend(acc, m_i, l_i, q, x_base + C, x_base + 2 * C, s_xn, s_xn, 0, n_full, qk_scale,
-                            HEAD_DIM, BLOCK_N, False, PRECISION)
+                            HEAD_DIM, BLOCK_D, BLOCK_N, False, PRECISION)
     if n_full < N:
         acc, m_i, l_i = _attend(acc, m_i, l_i, q, x_base + C, x_base + 2 * C, s_xn, s_xn, n_full, N, qk_scale,
-                                HEAD_DIM, BLOCK_N, True, PRECISION)
+                                HEAD_DIM, BLOCK_D, BLOCK_N, True, PRECISION)
     # conditioning keys/values, their own (small) blocks
     acc, m_i, l_i = _attend(acc, m_i, l_i, q, ck_ptr + b * s_ckb + col, cv_ptr + b * s_cvb + col, s_ckn, s_cvn,
-                            0, S, qk_scale, HEAD_DIM, BLOCK_S, True, PRECISION)
+                            0, S, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_S, True, PRECISION)
     out = acc / l_i[:, None]
     o = o_ptr + b * s_ob + col + offs_m[:, None] * s_on + offs_d[None, :]
-    tl.store(o, cast_to(out, o_ptr.dtype.element_ty), mask=mmask[:, None])
+    tl.store(o, cast_to(out, o_ptr.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])
 
 
 def attention(qkv: torch.Tensor, heads: int, cond_k: torch.Tensor | None = None,
@@ -114,8 +117,8 @@ def attention(qkv: torch.Tensor, heads: int, cond_k: torch.Tensor | None = None,
     """softmax(q [k; cond_k]^T * scale) [v; cond_v] per head.
 
     ``qkv``: (B, N, 3C) with unit channel stride, columns q | k | v (the fused in-projection output);
-    ``cond_k``, ``cond_v``: (B, S, C) with unit channel stride, or both None; ``heads``: C / heads must be a
-    power of two in 32..128. ``scale`` defaults to 1/sqrt(head_dim). Returns (B, N, C) in qkv.dtype.
+    ``cond_k``, ``cond_v``: (B, S, C) with unit channel stride, or both None; ``heads``: head_dim = C / heads
+    up to 128 (64 in every released model; other sizes are padded to a power of two >= 16 and masked). ``scale`` defaults to 1/sqrt(head_dim). Returns (B, N, C) in qkv.dtype.
     """
     check_tensor(qkv, "qkv", ndim=3)
     bsz, n, c3 = qkv.shape
@@ -126,8 +129,8 @@ def attention(qkv: torch.Tensor, heads: int, cond_k: torch.Tensor | None = None,
     if not isinstance(heads, int) or heads <= 0 or c % heads:
         raise ValueError(f"heads={heads!r} must be a positive int dividing C={c}")
     d = c // heads
-    if d not in (32, 64, 128):
-        raise ValueError(f"head_dim C/heads = {d} unsupported: must be 32, 64 or 128")
+    if not 1 <= d <= 128:
+        raise ValueError(f"head_dim C/heads = {d} unsupported: must be <= 128")
     if (cond_k is None) != (cond_v is None):
         raise ValueError("pass both cond_k and cond_v, or neither")
     if cond_k is None:
@@ -150,5 +153,6 @@ def attention(qkv: torch.Tensor, heads: int, cond_k: torch.Tensor | None = None,
     _attention_kernel[grid](qkv, cond_k, cond_v, out, n, s, heads, c,
                             qkv.stride(0), qkv.stride(1), cond_k.stride(0), cond_k.stride(1),
                             cond_v.stride(0), cond_v.stride(1), out.stride(0), out.stride(1), qk_scale,
-                            HEAD_DIM=d, BLOCK_S=block_s, PRECISION=precision)
+                            HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_S=block_s,
+                            PRECISION=precision)
     return out

@@ -1,7 +1,7 @@
 """Depthwise 3x3 conv (zero padding 1, bias) fused with LayerNorm over C: the first half of Stage B/C's ResBlock.
 
-``ResBlock``: ``h = LayerNorm2d(depthwise(x))`` (no affine, eps 1e-6). On an NHWC activation one program owns a
-strip of ``BLOCK_W`` pixels of one image row and ALL channels (``BLOCK_C = next_pow2(C)``): it accumulates the 9
+``ResBlock``: ``h = LayerNorm2d(depthwise(x))`` (no affine, eps 1e-6). On an NHWC activation one program owns
+``BLOCK_P`` consecutive pixels (row-major over B, H, W) and ALL channels (``BLOCK_C = next_pow2(C)``): it accumulates the 9
 taps in fp32 registers, then takes the LayerNorm statistics of the finished conv output without it ever leaving
 the SM (two-pass mean / variance over registers, exact). DRAM traffic is one read of x (the 3x3 halo is served
 from L1/L2) and one write of the output: 2 * B*H*W*C * itemsize bytes, against torch's conv (R+W), two permute
@@ -32,48 +32,36 @@ def dwconv_layernorm_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 
 
 def _configs():
-    gpu = [triton.Config({"BLOCK_W": bw}, num_warps=nw) for bw in (1, 2, 4, 8, 16, 32) for nw in (4, 8, 16)]
-    return pick_configs(gpu, triton.Config({"BLOCK_W": 4}, num_warps=4))
+    gpu = [triton.Config({"BLOCK_P": bp}, num_warps=nw) for bp in (1, 2, 4, 8, 16, 32) for nw in (4, 8, 16)]
+    return pick_configs(gpu, triton.Config({"BLOCK_P": 64}, num_warps=4))
 
 
 def _keep(cfg, args) -> bool:
-    # Tile = BLOCK_W pixels x BLOCK_C channels of fp32: keep 16..64 accumulator values per thread, and do not
-    # make the strip wider than the image row.
-    tile = cfg.kwargs["BLOCK_W"] * args["BLOCK_C"]
-    per_thread = tile // (32 * cfg.num_warps)
-    return 16 <= per_thread <= 64 and cfg.kwargs["BLOCK_W"] <= max(triton.next_power_of_2(args["W"]), 1)
+    # Tile = BLOCK_P pixels x BLOCK_C channels of fp32: keep 16..64 accumulator values per thread.
+    per_thread = cfg.kwargs["BLOCK_P"] * args["BLOCK_C"] // (32 * cfg.num_warps)
+    return 16 <= per_thread <= 64
 
 
 @triton.autotune(configs=_configs(), key=["H", "W", "C"], prune_configs_by={"early_config_prune": pruned(_keep)})
 @triton.jit
-def _dwconv_layernorm_kernel(
-    x_ptr, w_ptr, b_ptr, out_ptr,
-    H, W, C,
-    sxb, sxh, sxw,
-    swc, swy, swx,
-    sob, soh, sow,
-    eps,
-    BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr,
-):
-    row = tl.program_id(0)  # b * H + h
-    b = row // H
-    h = row % H
-    offs_w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+def _dwconv_layernorm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, NPIX, H, W, C, swc, swy, swx, out_pstride, eps,
+                             BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    # BLOCK_P consecutive pixels of the flattened (B, H, W) grid (mostly one image row) x all channels
+    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_c = tl.arange(0, BLOCK_C)
     cmask = offs_c < C
-    wmask = offs_w < W
+    pmask = offs_p < NPIX
+    w_idx = offs_p % W
+    h_idx = (offs_p // W) % H
 
-    acc = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
     acc += tl.load(b_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    x_base = x_ptr + b.to(tl.int64) * sxb
     for ky in tl.static_range(3):
-        hh = h + ky - 1
-        row_ok = (hh >= 0) & (hh < H)
+        row_ok = pmask & (h_idx + (ky - 1) >= 0) & (h_idx + (ky - 1) < H)
         for kx in tl.static_range(3):
-            ww = offs_w + (kx - 1)
-            m = row_ok & (ww >= 0) & (ww < W)
-            xv = tl.load(x_base + hh * sxh + ww[:, None] * sxw + offs_c[None, :],
-                         mask=m[:, None] & cmask[None, :], other=0.0)
+            m = row_ok & (w_idx + (kx - 1) >= 0) & (w_idx + (kx - 1) < W)
+            src = (offs_p + ((ky - 1) * W + (kx - 1))).to(tl.int64) * C  # neighbour pixel, same image
+            xv = tl.load(x_ptr + src[:, None] + offs_c[None, :], mask=m[:, None] & cmask[None, :], other=0.0)
             wv = tl.load(w_ptr + offs_c * swc + ky * swy + kx * swx, mask=cmask, other=0.0)
             acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
 
@@ -81,8 +69,8 @@ def _dwconv_layernorm_kernel(
     d = tl.where(cmask[None, :], acc - mean[:, None], 0.0)
     var = tl.sum(d * d, axis=1) / C
     y = d * tl.rsqrt(var + eps)[:, None]
-    out = out_ptr + b.to(tl.int64) * sob + h * soh + offs_w[:, None] * sow + offs_c[None, :]
-    tl.store(out, cast_to(y, out_ptr.dtype.element_ty), mask=wmask[:, None] & cmask[None, :])
+    out = out_ptr + offs_p.to(tl.int64)[:, None] * out_pstride + offs_c[None, :]
+    tl.store(out, cast_to(y, out_ptr.dtype.element_ty), mask=pmask[:, None] & cmask[None, :])
 
 
 def dwconv_layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, eps: float = EPS,
@@ -103,18 +91,15 @@ def dwconv_layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
     else:
         check_tensor(out, "out", ndim=4, dtypes=(x.dtype,), device=x.device)
         check_shape(out, "out", x.shape)
-        if out.stride(3) != 1:
-            raise ValueError(f"out must have unit channel stride (an NHWC buffer or a channel slice of one), "
+        ps = out.stride(2)
+        if out.stride() != (h * w * ps, w * ps, ps, 1):
+            raise ValueError(f"out must be an NHWC buffer or a channel slice of one (strides (H*W*P, W*P, P, 1)), "
                              f"got strides {out.stride()}")
     if c > 8192:
         raise ValueError(f"dwconv_layernorm keeps a whole pixel's channels in registers; C={c} > 8192 is unsupported")
     block_c = triton.next_power_of_2(c)
-    grid = lambda meta: (bsz * h, triton.cdiv(w, meta["BLOCK_W"]))  # noqa: E731
-    _dwconv_layernorm_kernel[grid](
-        x, weight, bias, out, h, w, c,
-        x.stride(0), x.stride(1), x.stride(2),
-        weight.stride(0), weight.stride(2), weight.stride(3),
-        out.stride(0), out.stride(1), out.stride(2),
-        eps, BLOCK_C=block_c,
-    )
+    npix = bsz * h * w
+    _dwconv_layernorm_kernel[lambda meta: (triton.cdiv(npix, meta["BLOCK_P"]),)](
+        x, weight, bias, out, npix, h, w, c, weight.stride(0), weight.stride(2), weight.stride(3), out.stride(2),
+        eps, BLOCK_C=block_c)
     return out

@@ -53,7 +53,7 @@ def _keep_tile(cfg, args) -> bool:
             and cfg.kwargs["BLOCK_C"] <= max(64, triton.next_power_of_2(args["C"])))
 
 
-@triton.autotune(configs=_tile_configs(16, 32), key=["P", "C", "SPLIT"],
+@triton.autotune(configs=_tile_configs(64, 128), key=["P", "C", "SPLIT"],
                  prune_configs_by={"early_config_prune": pruned(_keep_tile)})
 @triton.jit
 def _gelu_grn_stats_kernel(h_ptr, part_ptr, P, C, rows_per_split, SPLIT: tl.constexpr,
@@ -95,7 +95,7 @@ def _gelu_grn_finalize_kernel(part_ptr, gamma_ptr, scale_ptr, C, eps, SPLIT: tl.
         tl.store(scale_ptr + b * C + offs, gamma * (tl.sqrt(ss) / denom) + 1.0, mask=offs < C)
 
 
-@triton.autotune(configs=_tile_configs(16, 32), key=["P", "C"],
+@triton.autotune(configs=_tile_configs(64, 128), key=["P", "C"],
                  prune_configs_by={"early_config_prune": pruned(_keep_tile)})
 @triton.jit
 def _gelu_grn_apply_kernel(h_ptr, scale_ptr, beta_ptr, out_ptr, P, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):

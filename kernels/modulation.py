@@ -35,7 +35,7 @@ def modulation_ref(x, a, b, residual=None, return_norm: bool = False, eps: float
 
 def _configs():
     gpu = [triton.Config({"BLOCK_P": bp}, num_warps=nw) for bp in (1, 2, 4, 8, 16, 32, 64) for nw in (2, 4, 8, 16)]
-    return pick_configs(gpu, triton.Config({"BLOCK_P": 4}, num_warps=4))
+    return pick_configs(gpu, triton.Config({"BLOCK_P": 32}, num_warps=4))
 
 
 def _keep(cfg, args) -> bool:

@@ -36,7 +36,7 @@ def dwconv_replicate_residual_ref(h, x, weight, bias, gammas, index: int = 2):
 
 def _ln_configs():
     gpu = [triton.Config({"BLOCK_P": bp}, num_warps=nw) for bp in (1, 2, 4, 8, 16, 32) for nw in (2, 4, 8)]
-    return pick_configs(gpu, triton.Config({"BLOCK_P": 4}, num_warps=4))
+    return pick_configs(gpu, triton.Config({"BLOCK_P": 32}, num_warps=4))
 
 
 def _ln_keep(cfg, args) -> bool:
@@ -87,7 +87,7 @@ def layernorm_modulate(x: torch.Tensor, gammas: torch.Tensor | None = None, inde
 def _conv_configs():
     gpu = [triton.Config({"BLOCK_W": bw, "BLOCK_C": bc}, num_warps=nw)
            for bw in (4, 8, 16, 32) for bc in (32, 64, 128) for nw in (2, 4, 8)]
-    return pick_configs(gpu, triton.Config({"BLOCK_W": 4, "BLOCK_C": 16}, num_warps=4))
+    return pick_configs(gpu, triton.Config({"BLOCK_W": 16, "BLOCK_C": 64}, num_warps=4))
 
 
 def _conv_keep(cfg, args) -> bool:

@@ -18,6 +18,7 @@ def _inputs(b, n, s, heads, d, dtype, device, seed):
     (2, 35, 5, 2, 32),     # 5x7 image, odd everything
     (1, 16, 4, 1, 64),     # exact blocks, Stage B-like cond length
     (2, 20, 17, 1, 128),   # cond longer than one 16-block (masked cond tail)
+    (1, 9, 3, 2, 24),      # head_dim not a power of two (tiny presets): padded and masked
 ])
 def test_matches_ref(b, n, s, heads, d, dtype, device, close_to_ref):
     qkv, ck, cv = _inputs(b, n, s, heads, d, dtype, device, seed=n * s + d)
@@ -34,8 +35,8 @@ def test_readable_errors(device):
     qkv, ck, cv = _inputs(1, 4, 2, 2, 32, torch.float32, device, seed=0)
     with pytest.raises(ValueError, match="3C"):
         attention(qkv[..., :-1], 2, ck, cv)
-    with pytest.raises(ValueError, match="head_dim"):
-        attention(qkv, 4, ck, cv)
+    with pytest.raises(ValueError, match="heads"):
+        attention(qkv, 5, ck, cv)
     with pytest.raises(ValueError, match="both"):
         attention(qkv, 2, ck, None)
     with pytest.raises(ValueError, match="cond_v"):

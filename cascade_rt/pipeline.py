@@ -1,0 +1,423 @@
+"""`StableCascadePipeline`: prompts -> images, the eager reference (spec section 0).
+
+Text (CLIP bigG) -> Stage C (GDF, 20 steps, cfg 4, shift 2) -> Stage B (10 steps, cfg 1.1, shift 1) -> Stage A
+decode -> `.float().clamp(0, 1)`. Also image-to-image, image variation and Stage A+B reconstruction.
+
+The pipeline never names a backend. It holds one object per stage with the runner interface
+(`stage_c` / `stage_b`: `prepare_conditioning(...)`, `denoise(x, r, **cond)`; `stage_a`: `decode(latent)`):
+the eager models themselves, or `cascade_rt.runtime` runners. Conditioning is prepared once per generation
+(cond and uncond separately, concatenated by the sampler); each step calls only `denoise`.
+Randomness comes from one CPU generator (seed -> bit-reproducible): Stage C start noise, Stage C step noise,
+Stage B start noise, Stage B step noise, in that order.
+(About 420 lines: the three recipes, text-to-image, image-to-image and reconstruction, share the helpers here.)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from cascade_rt.errors import ConfigError, NumericsError
+from cascade_rt.sampling import diffuse, sample_stage
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]  # progress(stage, step, total)
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float32, torch.float16)
+STAGE_NAMES = {"c": "Stage C", "b": "Stage B", "a": "Stage A", "effnet": "the EfficientNet encoder"}
+
+
+def check_resolution(height: int, width: int) -> None:
+    """Each side a multiple of 128 in [256, 2048] (Stage B's latent must stay divisible by its 4 levels)."""
+    for name, value in (("height", height), ("width", width)):
+        if not isinstance(value, int) or value % 128 or not 256 <= value <= 2048:
+            raise ConfigError(
+                f"{name}={value} is not supported: each side must be a multiple of 128 between 256 and 2048 "
+                "(e.g. 1024, 1152, 1536); Stable Cascade's Stage B works on a latent of size/4 that its "
+                "down/up levels halve three times"
+            )
+
+
+def latent_shapes(batch: int, height: int, width: int) -> dict[str, tuple[int, ...]]:
+    """{'c': (B,16,ceil(H/42.67),ceil(W/42.67)), 'b': (B,4,H/4,W/4)} (spec 4.4), from the stage specs."""
+    try:  # the stage specs are the one place shapes live
+        from cascade_rt.export.specs import latent_shape
+    except ImportError:  # export layer not installed: the same formula (spec 4.4)
+        return {"c": (batch, 16, math.ceil(height / 42.67), math.ceil(width / 42.67)),
+                "b": (batch, 4, math.ceil(height / 4), math.ceil(width / 4))}  # fmt: skip
+    return {"c": latent_shape("c", batch, height, width), "b": latent_shape("b", batch, height, width)}
+
+
+def _module(runner: Any) -> nn.Module:
+    """The eager module behind a runner (runners keep it as `.model`), or the runner itself."""
+    return getattr(runner, "model", runner)
+
+
+def _dtype(obj: Any) -> torch.dtype:
+    dtype = getattr(_module(obj), "dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) else next(_module(obj).parameters()).dtype
+
+
+def check_dtypes(dtypes: dict[str, torch.dtype]) -> None:
+    for stage, dtype in dtypes.items():
+        if dtype not in SUPPORTED_DTYPES:
+            raise ConfigError(f"{STAGE_NAMES[stage]} dtype {dtype} is not supported; use bfloat16 or float32")
+    if dtypes.get("c") == torch.float16:
+        raise ConfigError(
+            "Stage C cannot run in float16: its activations overflow the fp16 range (official models/readme.md; "
+            "spec 6.1). Use bfloat16 (the official setting) or float32"
+        )
+    for stage in ("b", "a"):
+        if dtypes.get(stage) == torch.float16:
+            logger.warning("%s in float16 is not an official setting (bf16/fp32 are)", STAGE_NAMES[stage])
+
+
+def check_finite(x: Tensor, stage: str) -> None:
+    if not bool(torch.isfinite(x).all()):
+        raise NumericsError(
+            f"{STAGE_NAMES[stage]} produced NaN/Inf values (dtype {x.dtype}); run that stage in bfloat16 or "
+            "float32 (float16 overflows), and check the weights"
+        )
+
+
+def to_pil(images: Tensor) -> list[Image.Image]:
+    """(B,3,H,W) in [0,1] -> PIL RGB images."""
+    arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a, mode="RGB") for a in arr]
+
+
+def from_pil(images: Image.Image | Sequence[Image.Image] | Tensor) -> Tensor:
+    """PIL image(s) or a (B,3,H,W) [0,1] tensor -> (B,3,H,W) fp32 in [0,1]."""
+    if isinstance(images, Tensor):
+        return (images.unsqueeze(0) if images.dim() == 3 else images).float()
+    images = [images] if isinstance(images, Image.Image) else list(images)
+    arrays = [torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1) for im in images]
+    return torch.stack(arrays).float() / 255.0
+
+
+@dataclass
+class CascadeOutput:
+    images: list[Image.Image]
+    pixels: Tensor  # (B,3,H,W) fp32 in [0,1]
+    stage_c_latent: Tensor | None  # (B,16,h,w) fp32: Stage C x0 (None for reconstruction: the EffNet latent)
+    stage_b_latent: Tensor  # (B,4,H/4,W/4) fp32
+    seed: int
+    previews: list[Image.Image] | None = None
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+
+
+class StableCascadePipeline:
+    def __init__(
+        self,
+        *,
+        text_encoder: Any,
+        stage_c: Any,
+        stage_b: Any,
+        stage_a: Any,
+        effnet: nn.Module | None = None,
+        previewer: nn.Module | None = None,
+        image_encoder: Any = None,
+        mode: str = "official",
+    ) -> None:
+        self.text_encoder, self.image_encoder = text_encoder, image_encoder
+        self.stage_c, self.stage_b, self.stage_a = stage_c, stage_b, stage_a
+        self.effnet, self.previewer, self.mode = effnet, previewer, mode
+        self.dtypes = {"c": _dtype(stage_c), "b": _dtype(stage_b), "a": _dtype(stage_a)}
+        check_dtypes(self.dtypes)
+        self.device = next(_module(stage_c).parameters()).device
+        self.c_clip_img = _module(stage_c).clip_img_mapper.in_features
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        weights_dir: str,
+        *,
+        lite: bool = False,
+        dtype: torch.dtype = torch.bfloat16,
+        stage_dtypes: dict[str, torch.dtype] | None = None,
+        device: str | torch.device = "cpu",
+        text_encoder: str | None = None,
+    ) -> StableCascadePipeline:
+        """Eager pipeline from a weights folder (official or diffusers layout, via `cascade_rt.weights`).
+
+        The text encoder comes from `text_encoder` (a path), else `text_encoder/` or open_clip files in the folder;
+        an `image_encoder/` folder, when present, enables image variation. EffNet and previewer load in fp32.
+        """
+        from pathlib import Path
+
+        from cascade_rt import weights
+        from cascade_rt.text import ImageEncoder, TextEncoder
+
+        dtypes = {"c": dtype, "b": dtype, "a": dtype, **(stage_dtypes or {})}
+        check_dtypes(dtypes)  # before reading gigabytes
+        models = weights.load_pipeline_models(
+            weights_dir, lite=lite, device=device, dtype={**dtypes, "effnet": torch.float32, "previewer": torch.float32}
+        )
+        text_path = text_encoder or weights.find_text_encoder(weights_dir) or weights_dir
+        image_dir = Path(weights_dir) / "image_encoder"
+        image_encoder = None
+        if image_dir.is_dir():
+            image_encoder = ImageEncoder.from_pretrained(image_dir, dtype=dtype, device=device)
+        return cls(
+            text_encoder=TextEncoder.from_pretrained(text_path, dtype=dtype, device=device),
+            image_encoder=image_encoder,
+            stage_c=models["c"], stage_b=models["b"], stage_a=models["a"],
+            effnet=models.get("effnet"), previewer=models.get("previewer"),
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------------------------------ helpers
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _encode_text(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        unique = list(dict.fromkeys(prompts))
+        text, pooled = self.text_encoder.encode(unique)
+        index = torch.tensor([unique.index(p) for p in prompts], device=text.device)
+        return text[index].to(self.device), pooled[index].to(self.device)
+
+    def _initial(self, latent: Tensor | None, shape: tuple[int, ...], gen: torch.Generator, what: str) -> Tensor:
+        if latent is None:
+            return torch.randn(shape, generator=gen, dtype=torch.float32).to(self.device)
+        if tuple(latent.shape) != tuple(shape):
+            raise ConfigError(f"{what} has shape {tuple(latent.shape)}, expected {tuple(shape)} for this batch/size")
+        return latent.to(self.device, torch.float32)
+
+    def _sampler_callback(self, stage: str, total: int, progress: Progress | None):
+        if progress is None:
+            return None
+        return lambda i, x0, x: progress(stage, i + 1, total)
+
+    def _run_stage_b(
+        self, effnet_latent: Tensor, pooled: Tensor, uncond_pooled: Tensor, x_init: Tensor, *, steps: int,
+        cfg: float | None, shift: float, gen: torch.Generator, progress: Progress | None,
+    ) -> Tensor:  # fmt: skip
+        hw = tuple(x_init.shape[-2:])
+        cond = self.stage_b.prepare_conditioning(effnet_latent, pooled, latent_hw=hw)
+        uncond = None
+        if cfg is not None:
+            uncond = self.stage_b.prepare_conditioning(torch.zeros_like(effnet_latent), uncond_pooled, latent_hw=hw)
+        x0 = sample_stage(
+            lambda x, r, **kw: self.stage_b.denoise(x, r, **kw), x_init, cond, uncond, steps=steps, cfg=cfg,
+            shift=shift, generator=gen, callback=self._sampler_callback("b", steps, progress), mode=self.mode,
+        )  # fmt: skip
+        check_finite(x0, "b")
+        return x0
+
+    def _decode(self, latent_b: Tensor) -> Tensor:
+        pixels = self.stage_a.decode(latent_b).float()
+        check_finite(pixels, "a")
+        return pixels.clamp(0, 1)
+
+    # ------------------------------------------------------------------------------------------ public
+    @torch.inference_mode()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        *,
+        height: int = 1024,
+        width: int = 1024,
+        images_per_prompt: int = 1,
+        steps_c: int = 20,
+        cfg_c: float | None = 4.0,
+        shift_c: float = 2.0,
+        steps_b: int = 10,
+        cfg_b: float | None = 1.1,
+        shift_b: float = 1.0,
+        seed: int | None = None,
+        latents_c: Tensor | None = None,
+        latents_b: Tensor | None = None,
+        image: Any = None,
+        strength: float = 0.8,
+        clip_image: Any = None,
+        preview: bool = False,
+        progress: Progress | None = None,
+    ) -> CascadeOutput:
+        """Text-to-image; with `image`: image-to-image (EffNet latent noised to t=`strength`, int(steps_c*strength)
+        Stage C steps); with `clip_image`: image variation (its CLIP embedding conditions Stage C, zeros uncond)."""
+        check_resolution(height, width)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * len(prompts)
+        if not prompts or len(negatives) != len(prompts) or images_per_prompt < 1:
+            raise ConfigError("give >= 1 prompt, one negative prompt per prompt (or one), images_per_prompt >= 1")
+        prompts = [p for p in prompts for _ in range(images_per_prompt)]
+        negatives = [n for n in negatives for _ in range(images_per_prompt)]
+        batch = len(prompts)
+        seed = random.randrange(2**63) if seed is None else int(seed)
+        gen = torch.Generator("cpu").manual_seed(seed)
+        shapes = latent_shapes(batch, height, width)
+        timings: dict[str, float] = {}
+
+        t0 = time.perf_counter()
+        text, pooled = self._encode_text(prompts)
+        u_text, u_pooled = self._encode_text(negatives)
+        clip_img = torch.zeros(batch, 1, self.c_clip_img, device=self.device)
+        u_clip_img = clip_img
+        if clip_image is not None:
+            if self.image_encoder is None:
+                raise ConfigError("image variation needs an image encoder (CLIP ViT-L/14); this pipeline has none")
+            clip_img = self._expand(self.image_encoder.encode(from_pil(clip_image).to(self.device)), batch)
+        self._sync()
+        timings["text"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        steps, t_start = steps_c, 1.0
+        if image is not None:
+            if not 0.0 < strength <= 1.0:
+                raise ConfigError(f"strength must be in (0, 1], got {strength}")
+            effnet_latent = self._expand(self._effnet_latent(from_pil(image), shapes["c"][-2:]), batch)
+            steps, t_start = int(steps_c * strength), strength
+            if steps < 1:
+                raise ConfigError(f"steps_c * strength = {steps_c} * {strength} gives no Stage C step; raise either")
+            x_c = diffuse(effnet_latent, t_start, torch.randn(effnet_latent.shape, generator=gen).to(self.device))
+        else:
+            x_c = self._initial(latents_c, shapes["c"], gen, "latents_c")
+        cond_c = self.stage_c.prepare_conditioning(text, pooled, clip_img)
+        uncond_c = self.stage_c.prepare_conditioning(u_text, u_pooled, u_clip_img) if cfg_c is not None else None
+        latent_c = sample_stage(
+            lambda x, r, **kw: self.stage_c.denoise(x, r, **kw), x_c, cond_c, uncond_c, steps=steps, cfg=cfg_c,
+            shift=shift_c, t_start=t_start, generator=gen, callback=self._sampler_callback("c", steps, progress),
+            mode=self.mode,
+        )  # fmt: skip
+        check_finite(latent_c, "c")
+        self._sync()
+        timings["stage_c"] = time.perf_counter() - t0
+
+        previews = None
+        if preview:
+            if self.previewer is None:
+                raise ConfigError("preview=True needs a previewer model; this pipeline has none")
+            t0 = time.perf_counter()
+            previews = to_pil(self.previewer(latent_c).float().clamp(0, 1))
+            timings["previewer"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        x_b = self._initial(latents_b, shapes["b"], gen, "latents_b")
+        latent_b = self._run_stage_b(latent_c, pooled, u_pooled, x_b, steps=steps_b, cfg=cfg_b, shift=shift_b,
+                                     gen=gen, progress=progress)  # fmt: skip
+        self._sync()
+        timings["stage_b"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        pixels = self._decode(latent_b)
+        self._sync()
+        timings["stage_a"] = time.perf_counter() - t0
+        return CascadeOutput(to_pil(pixels), pixels, latent_c, latent_b, seed, previews, timings)
+
+    @torch.inference_mode()
+    def reconstruct(
+        self,
+        image: Any,
+        *,
+        prompt: str = "",
+        steps_b: int = 10,
+        cfg_b: float | None = 1.1,
+        shift_b: float = 1.0,
+        seed: int | None = None,
+        progress: Progress | None = None,
+    ) -> CascadeOutput:
+        """Stage A+B as an autoencoder (spec 4.5): image -> x3/4 nearest -> EffNet -> Stage B -> Stage A."""
+        if self.effnet is None:
+            raise ConfigError("reconstruction needs the EfficientNet encoder; this pipeline has none")
+        pixels_in = from_pil(image)
+        height, width = pixels_in.shape[-2:]
+        check_resolution(int(height), int(width))
+        seed = random.randrange(2**63) if seed is None else int(seed)
+        gen = torch.Generator("cpu").manual_seed(seed)
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        small = [int(s * 0.75) // 32 * 32 for s in (height, width)]
+        effnet_latent = self._effnet_latent(pixels_in, None, size=small)
+        pooled, u_pooled = self._encode_text([prompt] * pixels_in.shape[0])[1], None
+        if cfg_b is not None:
+            u_pooled = self._encode_text([""] * pixels_in.shape[0])[1]
+        timings["effnet"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        x_b = self._initial(None, latent_shapes(pixels_in.shape[0], int(height), int(width))["b"], gen, "latents_b")
+        latent_b = self._run_stage_b(effnet_latent, pooled, u_pooled, x_b, steps=steps_b, cfg=cfg_b, shift=shift_b,
+                                     gen=gen, progress=progress)  # fmt: skip
+        self._sync()
+        timings["stage_b"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        pixels = self._decode(latent_b)
+        timings["stage_a"] = time.perf_counter() - t0
+        return CascadeOutput(to_pil(pixels), pixels, None, latent_b, seed, None, timings)
+
+    def _effnet_latent(
+        self, images: Tensor, latent_hw: Sequence[int] | None, size: Sequence[int] | None = None
+    ) -> Tensor:
+        """EffNet latent of [0,1] images: resized so the latent is `latent_hw` (x32), or to `size` (nearest)."""
+        from cascade_rt.models.effnet import normalize_imagenet
+
+        if self.effnet is None:
+            raise ConfigError("image-to-image needs the EfficientNet encoder; this pipeline has none")
+        images = images.to(self.device)
+        if size is not None:
+            images = nn.functional.interpolate(images, size=tuple(size), mode="nearest")
+        else:
+            target = tuple(int(s) * 32 for s in latent_hw)
+            images = nn.functional.interpolate(images, size=target, mode="bicubic", antialias=True).clamp(0, 1)
+        latent = self.effnet(normalize_imagenet(images)).float()
+        check_finite(latent, "effnet")
+        return latent
+
+    @staticmethod
+    def _expand(x: Tensor, batch: int) -> Tensor:
+        if x.shape[0] == batch:
+            return x
+        if batch % x.shape[0]:
+            raise ConfigError(f"got {x.shape[0]} input images for a batch of {batch}; give 1 or {batch}")
+        return x.repeat_interleave(batch // x.shape[0], dim=0)
+
+
+def build_random_pipeline(
+    preset: str = "tiny",
+    *,
+    dtype: torch.dtype = torch.float32,
+    stage_dtypes: dict[str, torch.dtype] | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> StableCascadePipeline:
+    """A pipeline with random (seeded) weights: "tiny" (CPU tests, demos), "lite" or "full" (shapes/speed only).
+
+    Stage C/B/A and the text/image encoders run in `dtype` (per-stage overrides in `stage_dtypes`, keys c/b/a);
+    EfficientNet and the previewer stay fp32, as the official weights are.
+    """
+    from cascade_rt.models.presets import TINY_CLIP_DIMS, build_model
+    from cascade_rt.text import ClipTextConfig, ClipVisionConfig, ImageEncoder, TextEncoder
+
+    names = {
+        "tiny": ("stage_c_tiny", "stage_b_tiny", "stage_a_tiny", "previewer_tiny"),
+        "lite": ("stage_c_lite", "stage_b_lite", "stage_a", "previewer"),
+        "full": ("stage_c", "stage_b", "stage_a", "previewer"),
+    }
+    if preset not in names:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(names)}")
+    dtypes = {"c": dtype, "b": dtype, "a": dtype, **(stage_dtypes or {})}
+    check_dtypes(dtypes)  # before building anything large
+    c, b, a, prev = names[preset]
+    if preset == "tiny":
+        text_cfg = ClipTextConfig.tiny(TINY_CLIP_DIMS["text_hidden"], TINY_CLIP_DIMS["text_pooled"])
+        image_cfg = ClipVisionConfig.tiny(output_dim=TINY_CLIP_DIMS["image"])
+    else:
+        text_cfg, image_cfg = ClipTextConfig(), ClipVisionConfig()
+    return StableCascadePipeline(
+        text_encoder=TextEncoder.random(text_cfg, dtype=dtype, device=device, seed=seed),
+        image_encoder=ImageEncoder.random(image_cfg, dtype=dtype, device=device, seed=seed + 1),
+        stage_c=build_model(c, device=device, dtype=dtypes["c"], seed=seed + 2),
+        stage_b=build_model(b, device=device, dtype=dtypes["b"], seed=seed + 3),
+        stage_a=build_model(a, device=device, dtype=dtypes["a"], seed=seed + 4),
+        effnet=build_model("effnet", device=device, seed=seed + 5),
+        previewer=build_model(prev, device=device, seed=seed + 6),
+    )

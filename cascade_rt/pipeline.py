@@ -132,6 +132,8 @@ class StableCascadePipeline:
         self.text_encoder, self.image_encoder = text_encoder, image_encoder
         self.stage_c, self.stage_b, self.stage_a = stage_c, stage_b, stage_a
         self.effnet, self.previewer, self.mode = effnet, previewer, mode
+        # per-stage sampler hook (same signature as `sample_stage`): the runtime puts CUDA-graphed samplers here
+        self.samplers: dict[str, Callable[..., Tensor]] = {"c": sample_stage, "b": sample_stage}
         self.dtypes = {"c": _dtype(stage_c), "b": _dtype(stage_b), "a": _dtype(stage_a)}
         check_dtypes(self.dtypes)
         self.device = next(_module(stage_c).parameters()).device
@@ -207,7 +209,7 @@ class StableCascadePipeline:
         uncond = None
         if cfg is not None:
             uncond = self.stage_b.prepare_conditioning(torch.zeros_like(effnet_latent), uncond_pooled, latent_hw=hw)
-        x0 = sample_stage(
+        x0 = self.samplers["b"](
             lambda x, r, **kw: self.stage_b.denoise(x, r, **kw), x_init, cond, uncond, steps=steps, cfg=cfg,
             shift=shift, generator=gen, callback=self._sampler_callback("b", steps, progress), mode=self.mode,
         )  # fmt: skip
@@ -285,7 +287,7 @@ class StableCascadePipeline:
             x_c = self._initial(latents_c, shapes["c"], gen, "latents_c")
         cond_c = self.stage_c.prepare_conditioning(text, pooled, clip_img)
         uncond_c = self.stage_c.prepare_conditioning(u_text, u_pooled, u_clip_img) if cfg_c is not None else None
-        latent_c = sample_stage(
+        latent_c = self.samplers["c"](
             lambda x, r, **kw: self.stage_c.denoise(x, r, **kw), x_c, cond_c, uncond_c, steps=steps, cfg=cfg_c,
             shift=shift_c, t_start=t_start, generator=gen, callback=self._sampler_callback("c", steps, progress),
             mode=self.mode,

@@ -108,7 +108,8 @@ def test_single_step_against_formula(eta):
     c, ref = _coeffs_from_log_snr(-1.41092, 0.32506, eta)
     x_next, x0 = ddim_step(x, eps, c, noise if eta > 0 else None)
     x0_ref = (x.double() - ref["b"] * eps.double()) / ref["a"]
-    x_ref = ref["a2"] * x0_ref + math.sqrt(ref["b2"] ** 2 - ref["sigma"] ** 2) * eps.double() + ref["sigma"] * noise.double()
+    c_eps = math.sqrt(ref["b2"] ** 2 - ref["sigma"] ** 2)
+    x_ref = ref["a2"] * x0_ref + c_eps * eps.double() + ref["sigma"] * noise.double()
     torch.testing.assert_close(x0, x0_ref.float(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x_next, x_ref.float(), rtol=1e-5, atol=1e-5)
     if eta == 0:
@@ -287,3 +288,24 @@ def test_bad_settings_are_refused():
         build_plan(4, mode="euler")
     with pytest.raises(ConfigError, match="t_start"):
         build_plan(4, t_start=1.5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (sync debug mode is CUDA-only)")
+def test_loop_has_no_cuda_sync():
+    from cascade_rt.sampling import run_plan
+
+    device = torch.device("cuda")
+    plan = build_plan(4, shift=2.0, device=device)
+    x = torch.randn(2, 4, 8, 8, device=device)
+    cond, uncond = {"scale": torch.full((2,), 0.6, device=device)}, {"scale": torch.full((2,), 0.2, device=device)}
+    gen = torch.Generator(device).manual_seed(0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = run_plan(_toy_model, x, plan, cond, uncond, cfg=4.0, generator=gen)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    ref = run_plan(_toy_model, x.cpu(), plan.to("cpu"), {"scale": cond["scale"].cpu()},
+                   {"scale": uncond["scale"].cpu()}, cfg=4.0, generator=torch.Generator(device).manual_seed(0))  # fmt: skip
+    torch.testing.assert_close(out, ref.to(device), rtol=1e-4, atol=1e-4)

@@ -207,7 +207,8 @@ def _locate(path: str | Path, hf_subfolder: str) -> tuple[str, Path]:
     """('hf', folder) or ('open_clip', file)."""
     p = Path(path)
     if p.is_file():
-        return ("hf", p.parent) if (p.parent / "config.json").is_file() and p.name.startswith("model") else ("open_clip", p)
+        is_hf = (p.parent / "config.json").is_file() and p.name.startswith("model")
+        return ("hf", p.parent) if is_hf else ("open_clip", p)
     if (p / hf_subfolder).is_dir():
         p = p / hf_subfolder
     if (p / "config.json").is_file():
@@ -280,7 +281,8 @@ class TextEncoder(nn.Module):
 
     @classmethod
     def random(
-        cls, config: ClipTextConfig | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0
+        cls, config: ClipTextConfig | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu",
+        seed: int = 0,
     ) -> TextEncoder:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -314,7 +316,7 @@ class TextEncoder(nn.Module):
         with torch.device("meta"):
             model = cls(config)
         _load_strict(model.tower, state, Path(path))
-        logger.info("loaded CLIP text tower (%s layout, width %d, %d layers) from %s", layout, config.width, config.layers, path)
+        logger.info("loaded CLIP text tower (%s layout, width %d) from %s", layout, config.width, path)
         return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
     def _mask(self, attention_mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -351,7 +353,8 @@ class ImageEncoder(nn.Module):
 
     @classmethod
     def random(
-        cls, config: ClipVisionConfig | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0
+        cls, config: ClipVisionConfig | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu",
+        seed: int = 0,
     ) -> ImageEncoder:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

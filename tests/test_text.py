@@ -143,7 +143,8 @@ def test_image_preprocess():
     # center crop of the longer side: a marker in the cropped-away top rows does not survive
     img = torch.zeros(1, 3, 400, 224)
     img[:, :, :50] = 1.0
-    assert enc.preprocess(img).max().item() == pytest.approx(((0 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)).max().item(), abs=1e-5)
+    black = ((0 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)).max().item()
+    assert enc.preprocess(img).max().item() == pytest.approx(black, abs=1e-5)
     assert enc.encode(torch.rand(2, 3, 256, 256)).shape == (2, 1, 24)
 
 
@@ -161,7 +162,8 @@ def test_open_clip_layout_round_trip(tmp_path, hf_text, hf_vision):
     model_cfg = {
         "embed_dim": 24, "quick_gelu": False,
         "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
-        "vision_cfg": {"image_size": 224, "layers": 2, "width": 32, "head_width": 16, "mlp_ratio": 2.0, "patch_size": 32},
+        "vision_cfg": {"image_size": 224, "layers": 2, "width": 32, "head_width": 16, "mlp_ratio": 2.0,
+                       "patch_size": 32},
     }  # fmt: skip
     (tmp_path / "open_clip_config.json").write_text(__import__("json").dumps({"model_cfg": model_cfg}))
     text2 = TextEncoder.from_pretrained(tmp_path, dtype=torch.float32)
@@ -179,7 +181,8 @@ def test_random_encoders_are_seeded():
     b = TextEncoder.random(ClipTextConfig.tiny(32), seed=3).encode(["x"])[1]
     c = TextEncoder.random(ClipTextConfig.tiny(32), seed=4).encode(["x"])[1]
     assert torch.equal(a, b) and not torch.equal(a, c)
-    assert ImageEncoder.random(ClipVisionConfig.tiny(output_dim=16)).encode(torch.rand(1, 3, 64, 64)).shape == (1, 1, 16)
+    image = ImageEncoder.random(ClipVisionConfig.tiny(output_dim=16))
+    assert image.encode(torch.rand(1, 3, 64, 64)).shape == (1, 1, 16)
 
 
 def test_missing_files_name_the_layout(tmp_path):

@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "cascade_rt.commands.info",
     "cascade_rt.commands.generate",
     "cascade_rt.commands.reconstruct",
+    "cascade_rt.commands.convert",
 ]
 
 

@@ -173,8 +173,8 @@ def apply_triton_kernels(model: nn.Module) -> nn.Module:
                     prev.__dict__["_triton_handoff"] = nxt.__dict__["_triton_handoff"] = _Handoff()
     for name in ("clf", "out_block"):  # hand back plain contiguous NCHW outputs
         head = getattr(model, name, None)
-        if isinstance(head, nn.Module) and "_triton_hook" not in head.__dict__:
-            head.__dict__["_triton_hook"] = head.register_forward_hook(_contiguous_output)
+        if isinstance(head, nn.Module) and _contiguous_output not in head._forward_hooks.values():
+            head.register_forward_hook(_contiguous_output)
     return model
 
 
@@ -185,9 +185,9 @@ def remove_triton_kernels(model: nn.Module) -> nn.Module:
             m.__class__ = _UNSWAP[type(m)]
         for key in ("_triton_handoff", "_triton_dw_cache"):
             m.__dict__.pop(key, None)
-        hook = m.__dict__.pop("_triton_hook", None)
-        if hook is not None:
-            hook.remove()
+        for key, hook in list(m._forward_hooks.items()):
+            if hook is _contiguous_output:
+                del m._forward_hooks[key]
     return model
 
 

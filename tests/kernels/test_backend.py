@@ -78,6 +78,8 @@ def test_swap_keeps_parameters_and_state_dict():
     kinds = {type(m) for m in model.modules()}
     assert {TritonResBlock, TritonAttnBlock, TritonTimestepBlock} <= kinds
     apply_triton_kernels(model)  # idempotent
+    assert len(model.clf._forward_hooks) == 1
     remove_triton_kernels(model)
+    assert not model.clf._forward_hooks
     assert not {TritonResBlock, TritonAttnBlock, TritonTimestepBlock} & {type(m) for m in model.modules()}
     assert all(p is params[n] for n, p in model.named_parameters())

@@ -51,6 +51,7 @@ class Workload:
     warmup: int = 2  # untimed runs first (lazy compilation, autotuning, allocator warm-up)
     seed: int = 42
     random_weights: bool = True
+    fp32_reference: bool = False  # also run eager in fp32 once: every row's error vs fp32 beside eager's own
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     def cases(self) -> list[Case]:
@@ -108,7 +109,8 @@ class Case:
 
 
 _STANDARD = dict(
-    height=1024, width=1024, stage_c=StageSettings(20, 4.0, 2.0), stage_b_steps=10, dtype="bfloat16", device="cuda"
+    height=1024, width=1024, stage_c=StageSettings(20, 4.0, 2.0), stage_b_steps=10, dtype="bfloat16", device="cuda",
+    fp32_reference=True,
 )
 
 WORKLOADS: dict[str, Workload] = {

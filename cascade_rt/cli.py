@@ -16,6 +16,7 @@ from cascade_rt.errors import CascadeError
 
 COMMAND_MODULES = [
     "cascade_rt.commands.info",
+    "cascade_rt.commands.bench",
     "cascade_rt.commands.generate",
     "cascade_rt.commands.reconstruct",
     "cascade_rt.commands.convert",

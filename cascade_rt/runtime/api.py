@@ -87,12 +87,8 @@ class RuntimePipeline(StableCascadePipeline):
         )  # fmt: skip
         self.device = device  # in sequential/offload modes the weights may sit on the CPU right now
         self.runners, self.memory, self.graphed = dict(runners), memory, dict(samplers)
-        if hasattr(self, "samplers"):  # the pipeline's per-stage sampler hook
-            for stage, sampler in self.graphed.items():
-                self.samplers[stage] = sampler.sample_stage
-        elif self.graphed:
-            logger.warning("this pipeline has no per-stage sampler hook; CUDA graphs are not used")
-            self.graphed = {}
+        for stage, sampler in self.graphed.items():  # the pipeline's per-stage sampler hook
+            self.samplers[stage] = sampler.sample_stage
 
     @property
     def backends(self) -> dict[str, str]:
@@ -164,7 +160,7 @@ def load_pipeline(
         if weights is not None:
             raise ConfigError("give either weights=DIR or random_weights=True, not both")
         eager = build_random_pipeline(models, dtype=dtype, device=build_device, seed=seed)
-        model_id = f"random-{models}-seed{seed}"
+        model_id = f"random:{models}:seed={seed}"
     elif weights is not None:
         if models == "tiny":
             raise ConfigError("preset 'tiny' exists only with random_weights=True; use lite, full or edge")

@@ -63,15 +63,16 @@ def relative_error(y: Tensor, ref: Tensor) -> float:
 class BuildContext:
     """What a backend may need beyond the model. Eager-style backends ignore most of it.
 
-    `shapes` are the (batch, height, width) image sizes to build engines for (engine profiles);
-    `engine_dir` is the engine cache; `model_id` names the weights for engine manifests.
+    `shapes` are the (batch, height, width) image sizes to build engines for (one: a static engine where the
+    backend wants one; several: a dynamic engine, the first is its optimisation point); `engine_dir` is the
+    engine cache; `model_id` says where the weights came from (recorded in engine manifests).
     """
 
     device: torch.device
     dtype: torch.dtype
     shapes: tuple[tuple[int, int, int], ...] = ((1, 1024, 1024),)
     engine_dir: Path = Path("engines")
-    model_id: str = "random"
+    model_id: str | None = None
     compile_mode: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
 

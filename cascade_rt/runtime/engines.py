@@ -14,7 +14,6 @@ ONNX Runtime (host-side session, numpy/ORTValue I/O) and AOTInductor packages ar
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -81,12 +80,20 @@ class _EngineBackend:
     def _engines_missing(self) -> str | None:
         return _module_missing("cascade_rt.export.engines", "the export layer's engines (cascade_rt.export.engines)")
 
+    def cfg(self, stage: str) -> bool | None:
+        """The CFG flag of a static engine (C and B run the [cond; uncond] batch at the official settings);
+        None asks the export layer for one dynamic engine (any batch, size, CFG on or off)."""
+        return stage != "a"
+
     def build(self, stage: str, model: nn.Module, ctx: BuildContext) -> StageRunner:
-        engines = importlib.import_module("cascade_rt.export.engines")
-        engine = engines.load_engine(
+        """The cached engine for this stage/weights/shapes (the export layer builds and validates it if needed)."""
+        from cascade_rt.export.engines import load_engine
+
+        engine = load_engine(
             self.kind, SPEC_STAGE[stage], model, shapes=ctx.shapes, engine_dir=ctx.engine_dir,
-            model_id=ctx.model_id, device=ctx.device,
+            model_id=ctx.model_id, device=ctx.device, cfg=self.cfg(stage),
         )  # fmt: skip
+        engine.load()
         step = engine_step(stage, engine, ctx.dtype)
         return StageRunner(stage, model, backend=self.name, graph_safe=self.graph_safe, tolerance=self.tolerance,
                            step=step)  # fmt: skip
@@ -97,6 +104,9 @@ class OnnxRuntimeBackend(_EngineBackend):
     summary = "ONNX export run by ONNX Runtime (CPU, or CUDA with onnxruntime-gpu)"
     tolerance = Tolerance(fp32=1e-3, bf16=3e-2)
     graph_safe = False
+
+    def cfg(self, stage: str) -> bool | None:
+        return None  # ORT runs any shape of a dynamic graph at no cost: one graph per stage
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         missing = _module_missing("onnxruntime", "onnxruntime")

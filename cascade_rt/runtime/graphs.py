@@ -105,12 +105,13 @@ class StaticStep:
 
     # -------------------------------------------------------------- host side: fill the buffers (no sync)
     def load(self, x: Tensor, plan: StagePlan, inputs: Mapping[str, Any], cfg: float, rho: float) -> None:
+        """Copy one run's values in. Host-side values travel through pinned memory without a sync."""
         steps = plan.steps
         if steps > self.max_steps:
             raise ValueError(f"plan has {steps} steps, buffers hold {self.max_steps}")
         self.x.copy_(x)
-        for row, name in enumerate(SCHEDULE_ROWS):
-            self.schedule[row, :steps].copy_(getattr(plan, name))
+        rows = torch.stack([getattr(plan, name) for name in SCHEDULE_ROWS])
+        self.schedule[:, :steps].copy_(_pinned(rows, self.x.device), non_blocking=True)
         for j, value in enumerate((cfg, rho, 1.0 - rho)):  # fill_ passes the scalar to a kernel: no sync
             self.cfg_rho[j].fill_(value)
         leaves, spec = tree_flatten(dict(inputs))
@@ -122,10 +123,19 @@ class StaticStep:
         self.rewind()
 
     def load_noise(self, steps: int, generator: torch.Generator | None) -> None:
-        """Draw every step's noise now, in the eager sampler's order (one `draw_noise` per step)."""
-        if self.noise is not None:
+        """Draw every step's noise now, in the eager sampler's order (one draw of x's shape per step) and on the
+        generator's device, as `draw_noise` does; a CPU generator's noise reaches the GPU in one pinned copy."""
+        if self.noise is None:
+            return
+        if generator is None or generator.device.type == self.x.device.type:
             for i in range(steps):
                 self.noise[i].copy_(draw_noise(self.x, generator))
+            return
+        host = torch.stack([
+            torch.randn(self.x.shape, generator=generator, device=generator.device, dtype=torch.float32)
+            for _ in range(steps)
+        ])  # fmt: skip
+        self.noise[:steps].copy_(_pinned(host, self.x.device), non_blocking=True)
 
     def rewind(self) -> None:
         self.step_index.zero_()
@@ -160,6 +170,11 @@ class StaticStep:
             if isinstance(t, Tensor):
                 out[f"inputs[{j}]"] = t.data_ptr()
         return out
+
+
+def _pinned(t: Tensor, device: torch.device) -> Tensor:
+    """A CPU tensor bound for a CUDA device goes through pinned memory (an async copy, no stream sync)."""
+    return t.pin_memory() if t.device.type == "cpu" and device.type == "cuda" else t
 
 
 def input_signature(inputs: Mapping[str, Any]) -> tuple:
@@ -242,11 +257,9 @@ class GraphedSampler:
         callback: Callable[[int, Tensor, Tensor], None] | None = None,
         mode: str = "official",
     ) -> Tensor:
-        """Drop-in for `sampling.sample_stage` (same arguments, same result, same noise)."""
-        plan = build_plan(
-            steps, shift=shift if mode == "official" else 1.0, eta=eta, t_start=t_start, mode=mode,
-            device=x_init.device,
-        )  # fmt: skip
+        """Drop-in for `sampling.sample_stage` (same arguments, same result, same noise). The plan is built on the
+        host and reaches the static schedule in one pinned copy."""
+        plan = build_plan(steps, shift=shift if mode == "official" else 1.0, eta=eta, t_start=t_start, mode=mode)
         return self(model, x_init, plan, cond, uncond, cfg=cfg, cfg_rho=cfg_rho, generator=generator, callback=callback)
 
     def _warn_once(self, token: Any, message: str, *args: Any) -> None:
@@ -272,7 +285,7 @@ class GraphedSampler:
         if self.mode == "graph" and x.device.type != "cuda":
             self._warn_once("device", "stage %s: CUDA graphs need a CUDA device (x is on %s); running eagerly",
                             self.stage, x.device)  # fmt: skip
-            return run_plan(model, x, plan, cond, uncond, **eager)
+            return run_plan(model, x, plan.to(x.device), cond, uncond, **eager)
         use_cfg = cfg is not None and uncond is not None
         if plan.mode == "diffusers":  # the same rules as run_plan
             use_cfg, cfg_rho = use_cfg and cfg > 1, 0.0
@@ -285,16 +298,16 @@ class GraphedSampler:
             self._warn_once(("mismatch", key), "stage %s: %s has other conditioning shapes or more steps than "
                             "captured; running eagerly", self.stage, key)  # fmt: skip
             self.stats["fallbacks"] += 1
-            return run_plan(model, x, plan, cond, uncond, **eager)
+            return run_plan(model, x, plan.to(x.device), cond, uncond, **eager)
         if entry is None:
             if not self.capture_new:
                 self._warn_once(key, "stage %s: no CUDA graph for %s (not captured); running eagerly", self.stage, key)
                 self.stats["fallbacks"] += 1
-                return run_plan(model, x, plan, cond, uncond, **eager)
+                return run_plan(model, x, plan.to(x.device), cond, uncond, **eager)
             entry = self._capture(key, model, x, plan, inputs, use_cfg, cfg, cfg_rho)
             if entry is None:
                 self.stats["fallbacks"] += 1
-                return run_plan(model, x, plan, cond, uncond, **eager)
+                return run_plan(model, x, plan.to(x.device), cond, uncond, **eager)
 
         static = entry.static
         static.load(x, plan, inputs, float(cfg) if use_cfg else 1.0, float(cfg_rho))
@@ -319,6 +332,7 @@ class GraphedSampler:
         entry = _Entry(static)
         calls = key.loop_steps or 1
         if self.mode == "static":
+            entry.addresses = static.addresses()
             self.entries[key] = entry
             return entry
         try:

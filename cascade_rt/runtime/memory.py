@@ -32,14 +32,18 @@ MEMORY_MODES = ("resident", "sequential", "offload")
 
 
 def offload_units(model: nn.Module) -> list[nn.Module]:
-    """The blocks `offload` streams: innermost elements of ModuleLists that hold parameters (the UNet blocks,
-    CLIP layers); a model without ModuleLists is one unit."""
+    """The blocks `offload` streams: the outermost non-ModuleList elements of ModuleLists that hold parameters
+    (UNet blocks, scalers and repeat mappers; CLIP layers), never one inside another. A model without
+    ModuleLists is one unit."""
     units: list[nn.Module] = []
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList):
-            for child in module:
-                if not isinstance(child, nn.ModuleList) and any(True for _ in child.parameters()):
-                    units.append(child)
+    inside: set[int] = set()  # ids of every module within a chosen unit
+    for module in model.modules():  # pre-order: a unit is met before anything inside it
+        if id(module) in inside or not isinstance(module, nn.ModuleList):
+            continue
+        for child in module:
+            if not isinstance(child, nn.ModuleList) and any(True for _ in child.parameters()):
+                units.append(child)
+                inside.update(id(m) for m in child.modules())
     return units or [model]
 
 

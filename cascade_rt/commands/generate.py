@@ -21,29 +21,48 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weights", metavar="DIR", help="weights folder (official safetensors or diffusers layout)")
     g.add_argument("--lite", action="store_true", help="use the lite Stage C (1B) and Stage B (700M) checkpoints")
     g.add_argument("--random-weights", action="store_true", help="seeded random weights (no download; demos, tests)")
-    g.add_argument("--preset", choices=("tiny", "lite", "full"), default="tiny", help="model size for --random-weights")
+    g.add_argument("--preset", choices=("tiny", "lite", "full", "edge"), default="tiny",
+                   help="model size for --random-weights (edge: lite models, bf16, sequential memory)")
     g.add_argument("--text-encoder", metavar="PATH", help="CLIP text encoder folder/file if not inside --weights")
     g.add_argument("--dtype", choices=tuple(DTYPES), default="bf16", help="Stage C/B/A dtype (fp16 is refused for C)")
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     g.add_argument("--seed", type=int, default=None, help="seed for all noise (default: random, printed)")
+    add_runtime_args(p)
+
+
+def add_runtime_args(p: argparse.ArgumentParser) -> None:
+    """Runtime options (cascade_rt.runtime): backend per stage, CUDA graphs, memory mode."""
+    g = p.add_argument_group("runtime")
+    g.add_argument("--backend", default="eager", metavar="SPEC",
+                   help="backend for all stages or per stage, e.g. 'c=tensorrt,b=triton,a=eager' "
+                        "(eager, compile, triton, onnxruntime, tensorrt, aoti; `cascade-rt info` lists what runs here)")
+    g.add_argument("--memory", choices=("resident", "sequential", "offload"), default=None,
+                   help="weights placement (default: resident; sequential for --preset edge)")
+    g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="sample without CUDA graphs (they are on by default on a CUDA device)")
+    g.add_argument("--engine-dir", default="engines", help="engine cache for onnxruntime/tensorrt/aoti (default engines/)")
 
 
 def load_from_args(args: argparse.Namespace):
+    """The pipeline the arguments describe, through `cascade_rt.load_pipeline` (backends, graphs, memory)."""
     import torch
 
+    from cascade_rt import load_pipeline
     from cascade_rt.errors import ConfigError
-    from cascade_rt.pipeline import StableCascadePipeline, build_random_pipeline
 
     dtype = getattr(torch, DTYPES[args.dtype])
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    runtime = dict(
+        backend=args.backend, memory=args.memory, cuda_graphs=args.cuda_graphs, device=device, dtype=dtype,
+        engine_dir=args.engine_dir,
+        engine_shapes=((getattr(args, "batch", 1), getattr(args, "height", 1024), getattr(args, "width", 1024)),),
+    )  # fmt: skip
     if args.random_weights:
         print(f"WARNING: {RANDOM_NOTE}", file=sys.stderr)
-        return build_random_pipeline(args.preset, dtype=dtype, device=device, seed=0)
+        return load_pipeline(random_weights=True, preset=args.preset, seed=0, **runtime)
     if not args.weights:
         raise ConfigError("give --weights DIR (a folder with the Stable Cascade checkpoints) or --random-weights")
-    return StableCascadePipeline.from_pretrained(
-        args.weights, lite=args.lite, dtype=dtype, device=device, text_encoder=args.text_encoder
-    )
+    return load_pipeline(args.weights, preset="lite" if args.lite else "full", text_encoder=args.text_encoder, **runtime)
 
 
 class StageBars:

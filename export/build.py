@@ -1,0 +1,229 @@
+"""Engine requests and the per-format builders (model -> engine files + manifest fields + validation).
+
+`EngineRequest` names one engine: stage, preset, format, precision, weights hash, shapes. Builders write into a
+scratch directory; `cache.EngineCache` moves the files into place atomically and writes the manifest last.
+Models come from `model_for(...)`: a preset with random (seeded) weights, or official weights from a folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from cascade_rt.errors import BackendUnavailable, ConfigError
+from cascade_rt.export.graphs import run_graph, stage_graph
+from cascade_rt.export.manifest import Manifest, device_info, library_versions
+from cascade_rt.export.specs import CFG_STAGES, PRECISIONS, STAGES, Dims, StageSpec, make_spec
+from cascade_rt.export.validate import validate
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "onnxruntime", "tensorrt", "aoti")
+EXTENSIONS = {"onnx": ".onnx", "onnxruntime": ".onnx", "tensorrt": ".plan", "aoti": ".pt2"}
+CLI_STAGES = {
+    "text": ("text",), "c": ("stage_c_cond", "stage_c"), "b": ("stage_b_cond", "stage_b"),
+    "a": ("stage_a",), "effnet": ("effnet",), "previewer": ("previewer",),
+}  # fmt: skip
+FAMILY = {"text": "text", "stage_c": "c", "stage_c_cond": "c", "stage_b": "b", "stage_b_cond": "b",
+          "stage_a": "a", "effnet": "effnet", "previewer": "previewer"}  # fmt: skip
+# --preset tiny|lite|full -> the preset of each stage family (EfficientNet exists in one size only)
+PRESET_GROUPS = {
+    "tiny": {"text": "text_tiny", "c": "stage_c_tiny", "b": "stage_b_tiny", "a": "stage_a_tiny",
+             "effnet": "effnet", "previewer": "previewer_tiny"},
+    "lite": {"text": "text", "c": "stage_c_lite", "b": "stage_b_lite", "a": "stage_a", "effnet": "effnet",
+             "previewer": "previewer"},
+    "full": {"text": "text", "c": "stage_c", "b": "stage_b", "a": "stage_a", "effnet": "effnet",
+             "previewer": "previewer"},
+}  # fmt: skip
+TEXT_PRESETS = ("text", "text_tiny")
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    stage: str
+    preset: str
+    format: str
+    precision: str
+    weights_hash: str
+    dims: Dims = Dims()
+    dynamic: bool = False
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ConfigError(f"unknown stage {self.stage!r}; choose one of {', '.join(STAGES)}")
+        if self.format not in FORMATS:
+            raise ConfigError(f"unknown engine format {self.format!r}; choose one of {', '.join(FORMATS)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.stage not in CFG_STAGES and self.dims.cfg:  # CFG does not change these graphs: one engine
+            object.__setattr__(self, "dims", replace(self.dims, cfg=False))
+
+    @property
+    def name(self) -> str:
+        d = self.dims
+        shape = "dynamic" if self.dynamic else f"b{d.batch}-{d.height}x{d.width}"
+        cfg = "-cfg" if d.cfg else ""
+        return f"{self.stage}-{self.preset}-{self.precision}-{shape}{cfg}-{self.format}"
+
+    @property
+    def engine_file(self) -> str:
+        return self.name + EXTENSIONS[self.format]
+
+    def onnx_source(self) -> "EngineRequest":
+        """The ONNX graph a TensorRT engine is built from (itself cached as an 'onnx' engine)."""
+        return replace(self, format="onnx", device="cpu")
+
+
+def resolve_preset(group_or_name: str, stage: str) -> str:
+    """'tiny'/'lite'/'full' -> this stage's preset; an exact preset name is checked against the stage."""
+    family = FAMILY[stage]
+    if group_or_name in PRESET_GROUPS:
+        return PRESET_GROUPS[group_or_name][family]
+    if family == "text":
+        if group_or_name not in TEXT_PRESETS:
+            raise ConfigError(f"text encoder preset must be one of {TEXT_PRESETS}, got {group_or_name!r}")
+        return group_or_name
+    from cascade_rt.models.presets import get_preset
+
+    if get_preset(group_or_name).stage != family:
+        raise ConfigError(f"preset {group_or_name!r} is not a {family!r} model (stage {stage})")
+    return group_or_name
+
+
+def random_model(preset: str, precision: str, seed: int = 0, device: str = "meta") -> nn.Module:
+    """A preset with random (seeded) weights; on 'meta' only shapes (what the spec needs)."""
+    dtype = PRECISIONS[precision]
+    if preset in TEXT_PRESETS:
+        from cascade_rt.models.presets import TINY_CLIP_DIMS
+        from cascade_rt.text import ClipTextConfig, TextEncoder
+
+        tiny = ClipTextConfig.tiny(TINY_CLIP_DIMS["text_hidden"], TINY_CLIP_DIMS["text_pooled"])
+        config = tiny if preset == "text_tiny" else ClipTextConfig()
+        if device == "meta":
+            with torch.device("meta"):
+                return TextEncoder(config).to(dtype).eval()
+        return TextEncoder.random(config, dtype=dtype, device=device, seed=seed)
+    from cascade_rt.models.presets import build_model
+
+    return build_model(preset, device=device, dtype=dtype, seed=None if device == "meta" else seed)
+
+
+def spec_for(stage: str, preset: str) -> StageSpec:
+    """The spec of a preset's stage, from a meta-device build (no memory, no weights)."""
+    return make_spec(stage, random_model(preset, "fp32", device="meta"), preset)
+
+
+def default_precision(spec: StageSpec, fmt: str) -> str:
+    """TensorRT: the stage's official precision (bf16 for text, C and B); CPU formats: fp32 (ORT's CPU provider
+    has no bf16 kernels; AOTInductor's bf16 on a CPU is slow and loose)."""
+    return spec.default_precision if fmt == "tensorrt" else "fp32"
+
+
+def base_manifest(request: EngineRequest, spec: StageSpec) -> Manifest:
+    """The manifest fields a request determines (identity + environment): what a cached engine must match."""
+    return Manifest(
+        stage=request.stage, preset=request.preset, format=request.format, precision=request.precision,
+        weights_hash=request.weights_hash, spec=spec.to_dict(),
+        dims={"batch": request.dims.batch, "height": request.dims.height, "width": request.dims.width,
+              "cfg": request.dims.cfg},
+        dynamic=request.dynamic,
+        profile={k: [list(s) for s in v] for k, v in spec.profile(request.dims, request.dynamic).items()},
+        engine_file=request.engine_file, versions=library_versions(), device=device_info(request.device),
+    )  # fmt: skip
+
+
+def validation_dims(request: EngineRequest) -> list[Dims]:
+    """Static engines: their shape. Dynamic ones: the opt shape and the smallest one of the profile."""
+    dims = [request.dims]
+    if request.dynamic:
+        dims.append(Dims(batch=1, height=256, width=256, cfg=request.dims.cfg))
+    return dims
+
+
+def run_validation(engine: Callable, model: nn.Module, spec: StageSpec, request: EngineRequest) -> dict[str, Any]:
+    graph = stage_graph(spec.stage, model)
+
+    def reference(**inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        return run_graph(graph, spec, {k: v.to(request.device) for k, v in inputs.items()})
+
+    reports = [
+        validate(engine, reference, spec, d, request.precision, device=request.device) for d in validation_dims(request)
+    ]
+    merged = reports[0]
+    for extra in reports[1:]:
+        merged.setdefault("more", []).append(extra)
+        merged["errors"] += extra["errors"]
+        if extra["status"] == "failed":
+            merged["status"] = "failed"
+    return merged
+
+
+def build_files(
+    request: EngineRequest,
+    model: nn.Module,
+    workdir: Path,
+    *,
+    onnx_source: Path | None = None,
+    timing_cache: Path | None = None,
+    options: dict[str, Any] | None = None,
+) -> Manifest:
+    """Build `request` from `model` into `workdir`; validate it there; return its (unwritten) manifest."""
+    options = dict(options or {})
+    weights_source = options.pop("weights_source", None)  # how `engines verify` rebuilds the eager model
+    spec = make_spec(request.stage, model, request.preset)
+    spec.check_precision(request.precision)
+    if model_dtype(model) != PRECISIONS[request.precision]:
+        model = copy.deepcopy(model).to(PRECISIONS[request.precision])
+    manifest = base_manifest(request, spec)
+    manifest.build["weights_source"] = weights_source
+    out = workdir / request.engine_file
+    start = time.perf_counter()
+    if request.format in ("onnx", "onnxruntime"):
+        from cascade_rt.export.onnx_export import export_onnx
+
+        result = export_onnx(model, spec, out, dims=request.dims, dynamic=request.dynamic, opset=options.get("opset"))
+        files = [f.name for f in result.files]
+        manifest.build.update(opset=result.opset, external_data=result.external_data, ops=result.ops)
+    elif request.format == "aoti":
+        from cascade_rt.export.aoti_engine import compile_aoti
+
+        compile_aoti(model, spec, out, dims=request.dims, dynamic=request.dynamic, device=request.device)
+        files = [out.name]
+    else:
+        from cascade_rt.export.trt_engine import build_engine, build_settings
+
+        if onnx_source is None:
+            raise ConfigError("a TensorRT build needs its ONNX graph (EngineCache builds it first)")
+        settings = build_settings(spec, request.dims, request.dynamic, **options)
+        manifest.build.update(settings=settings, **build_engine(onnx_source, out, settings, timing_cache=timing_cache))
+        files = [out.name]
+    manifest.build.update(seconds=round(time.perf_counter() - start, 2), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    manifest.record_files(workdir, files)
+    manifest.validation = validate_built(request, spec, model, workdir, manifest, options)
+    return manifest
+
+
+def validate_built(
+    request: EngineRequest, spec: StageSpec, model: nn.Module, workdir: Path, manifest: Manifest, options: dict
+) -> dict[str, Any]:
+    from cascade_rt.export.engine import open_engine_files
+
+    try:
+        engine = open_engine_files(workdir, manifest, device=request.device, options=options)
+    except BackendUnavailable as exc:  # e.g. a bf16 ONNX graph on a machine with only ORT's CPU provider
+        logger.warning("%s is not validated: %s", request.engine_file, exc)
+        return {"status": "unvalidated", "reason": str(exc), "errors": []}
+    manifest.build["options"] = {**options, **getattr(engine, "options", lambda: {})()}
+    return run_validation(engine, model, spec, request)
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())

@@ -1,0 +1,84 @@
+"""Where the eager model of an export comes from: a preset with random (seeded) weights, or a weights folder.
+
+`load_source(...)` returns the model with its weights hash and a `weights_source` record that the manifest
+keeps, so `cascade-rt engines verify` can rebuild the same eager model (`model_from_manifest`) and re-validate.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from cascade_rt.errors import ConfigError, WeightsError
+from cascade_rt.export.build import FAMILY, random_model
+from cascade_rt.export.manifest import Manifest
+from cascade_rt.export.specs import PRECISIONS
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Source:
+    model: nn.Module
+    preset: str
+    weights_hash: str
+    record: dict[str, Any]
+
+
+def random_source(stage: str, preset: str, precision: str, seed: int = 0) -> Source:
+    from cascade_rt.checkpoint_io import weights_hash
+
+    model = random_model(preset, precision, seed=seed, device="cpu")
+    return Source(model, preset, weights_hash(model.state_dict()), {"random_seed": seed})
+
+
+def weights_source(stage: str, weights_dir: str | Path, precision: str, *, lite: bool = False) -> Source:
+    """The stage's checkpoint from an official (or diffusers-layout) weights folder."""
+    from cascade_rt.checkpoint_io import weights_hash
+    from cascade_rt.export.engines import preset_of
+
+    family, dtype = FAMILY[stage], PRECISIONS[precision]
+    if family == "text":
+        from cascade_rt.text import TextEncoder
+        from cascade_rt.weights import find_text_encoder
+
+        path = find_text_encoder(weights_dir)
+        if path is None:
+            raise WeightsError(f"no text_encoder/ folder (HF layout) in {weights_dir}: download it or pick stages")
+        model = TextEncoder.from_pretrained(path, dtype=dtype)
+        preset = "text" if model.config.width == 1280 else "text_custom"
+    else:
+        from cascade_rt.weights import find_weights, load_stage
+
+        found = find_weights(weights_dir, lite=lite, dtype=dtype)
+        if family not in found:
+            raise WeightsError(f"no {family!r} checkpoint in {weights_dir} (lite={lite})")
+        path = found[family]
+        model = load_stage(family, path, dtype=dtype)
+        preset = preset_of(model)
+    return Source(model, preset, weights_hash(path), {"weights": str(Path(path).resolve())})
+
+
+def model_from_manifest(m: Manifest) -> nn.Module:
+    """The eager model an engine was built from, for re-validation."""
+    src = (m.build or {}).get("weights_source") or {}
+    if "random_seed" in src:
+        return random_model(m.preset, m.precision, seed=int(src["random_seed"]), device="cpu")
+    if "weights" in src:
+        from cascade_rt.checkpoint_io import weights_hash
+
+        path = Path(src["weights"])
+        if not path.exists() or weights_hash(path) != m.weights_hash:
+            raise WeightsError(f"the weights this engine was built from ({path}) are missing or changed")
+        if FAMILY[m.stage] == "text":
+            from cascade_rt.text import TextEncoder
+
+            return TextEncoder.from_pretrained(path, dtype=PRECISIONS[m.precision])
+        from cascade_rt.weights import load_stage
+
+        return load_stage(FAMILY[m.stage], path, dtype=PRECISIONS[m.precision])
+    raise ConfigError("the manifest does not say which weights the engine was built from")

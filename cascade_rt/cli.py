@@ -20,6 +20,8 @@ COMMAND_MODULES = [
     "cascade_rt.commands.generate",
     "cascade_rt.commands.reconstruct",
     "cascade_rt.commands.convert",
+    "cascade_rt.commands.export",
+    "cascade_rt.commands.engines",
 ]
 
 

@@ -61,6 +61,18 @@ def _bytes(n: Any) -> str:
     return f"{n / 2**10:.0f} KiB"
 
 
+def _busy(env: dict[str, Any]) -> str | None:
+    """A warning when other work shared the CPU at the start (load average above the core count)."""
+    try:
+        load, cores = float(str(env.get("load_avg", "")).split()[0]), int(env.get("cpu_count") or 0)
+    except (ValueError, IndexError):
+        return None
+    if cores and load > cores:
+        return (f"The load average was {load:.1f} on {cores} cores when the run started: other processes shared "
+                "the CPU, so CPU timings are inflated and noisy (the min column is the least disturbed).")  # fmt: skip
+    return None
+
+
 def header_lines(results: dict[str, Any]) -> list[str]:
     env, wl = results.get("environment", {}), results.get("workload", {})
     peak = results.get("matmul_peak", {})
@@ -74,6 +86,9 @@ def header_lines(results: dict[str, Any]) -> list[str]:
     ]
     if results.get("random_weights"):
         lines += [f"> {RANDOM_WEIGHTS_NOTE}", ""]
+    busy = _busy(env)
+    if busy:
+        lines += [f"> **Busy machine.** {busy}", ""]
     lines += [
         f"* Device: {env.get('device', '?')} ({env.get('device_detail', '')}); {versions}; git {sha}",
         f"* Workload: {wl.get('description', '')}; dtype {wl.get('dtype')}, seed {wl.get('seed')}, "
@@ -100,7 +115,7 @@ def case_title(case: dict[str, Any]) -> str:
 
 
 TABLE_HEAD = (
-    "| backend | C ms/step | B ms/step | A ms | e2e ms (median / p90) | img/s | speed-up | peak mem | "
+    "| backend | C ms/step | B ms/step | A ms | e2e ms (median / p90 / min) | img/s | speed-up | peak mem | "
     "cold: setup s / 1st-run extra s | rel err C / B | PSNR dB | C: TFLOP/s (% of matmul) |",
     "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
 )
@@ -116,7 +131,8 @@ def table_row(row: dict[str, Any], with_fp32: bool = False) -> str:
         label += " (peer)"
     line = (
         f"| {label} | {_num(row['ms_per_step']['stage_c'])} | {_num(row['ms_per_step']['stage_b'])} | "
-        f"{_num(row['stage_ms']['stage_a']['median'])} | {_num(e2e['median'])} / {_num(e2e['p90'])} | "
+        f"{_num(row['stage_ms']['stage_a']['median'])} | {_num(e2e['median'])} / {_num(e2e['p90'])} / "
+        f"{_num(e2e.get('min'))} | "
         f"{_num(row['images_per_s'])} | {_num(row.get('speedup_vs_eager', {}).get('e2e'))}× | "
         f"{_bytes(row['peak_memory']['bytes'])} | {_num(cold['setup_ms'] / 1e3)} / "
         f"{_num(cold['first_run_extra_ms'] / 1e3)} | {_sci(acc.get('rel_l2_stage_c'))} / "
@@ -131,13 +147,20 @@ def table_row(row: dict[str, Any], with_fp32: bool = False) -> str:
 
 def cold_line(row: dict[str, Any]) -> str | None:
     """What the setup did for engine backends: which exports/builds ran (and for how long), or a cache hit."""
-    builds = row["cold"].get("engine_builds") or []
+    cold = row["cold"]
+    parts = []
+    builds = cold.get("engine_builds") or []
     if builds:
-        done = ", ".join(f"{b['stage']} {b['format']} ({b['precision']}) {_num(b['seconds'])} s" for b in builds)
-        return f"* `{row['label']}`: built {done}"
-    if any(name in ENGINE_BACKENDS for name in row.get("per_stage", {}).values()):
-        return f"* `{row['label']}`: engines reused from the cache (setup {_num(row['cold']['setup_ms'] / 1e3)} s)"
-    return None
+        parts.append("built " + ", ".join(f"{b['stage']} {b['format']} ({b['precision']}) {_num(b['seconds'])} s"
+                                          for b in builds))  # fmt: skip
+    elif any(name in ENGINE_BACKENDS for name in row.get("per_stage", {}).values()):
+        parts.append(f"engines reused from the cache (setup {_num(cold['setup_ms'] / 1e3)} s)")
+    cache = cold.get("inductor_cache") or {}
+    if cache:
+        hits, misses = cache.get("fxgraph_cache_hit", 0), cache.get("fxgraph_cache_miss", 0)
+        parts.append(f"first run {_num(cold['first_run_extra_ms'] / 1e3)} s over steady state, compiling "
+                     f"{hits + misses} graph(s): {hits} from Inductor's on-disk cache, {misses} compiled")  # fmt: skip
+    return f"* `{row['label']}`: " + "; ".join(parts) if parts else None
 
 
 def roofline_line(costs: dict[str, Any]) -> str:

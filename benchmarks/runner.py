@@ -43,15 +43,24 @@ class Combo:
     label: str
     per_stage: dict[str, str]
     kind: str = "backend"  # "reference" | "backend" | "peer"
-    graphs: bool = False
+    graphs: str | None = None  # None | "graph" (CUDA graphs) | "static" (the same static-buffer step, no graphs)
     skip_reason: str | None = None  # set when the combination is known not to run here (listed, not run)
 
 
+SAMPLER_SUFFIXES = {"+graphs": "graph", "+static": "static"}
+
+
 def parse_combo(text: str, skip_reason: str | None = None) -> Combo:
-    """'onnxruntime' | 'tensorrt+graphs' | 'c=tensorrt,b=tensorrt,a=triton' | a peer name -> Combo."""
+    """'onnxruntime' | 'tensorrt+graphs' | 'c=tensorrt,b=tensorrt,a=triton' | a peer name -> Combo.
+
+    '+graphs' samples Stage C and B with the runtime's CUDA-graphed sampler; '+static' with its CPU twin
+    (the same static-buffer step without graphs: what the graphs replay, checkable on a CPU).
+    """
     text = text.strip()
-    graphs = text.endswith("+graphs")
-    body = text.removesuffix("+graphs")
+    body, graphs = text, None
+    for suffix, mode in SAMPLER_SUFFIXES.items():
+        if text.endswith(suffix):
+            body, graphs = text.removesuffix(suffix), mode
     if "=" in body:
         from cascade_rt.runtime.backends import parse_backend_spec
 
@@ -80,20 +89,30 @@ def _build_runner(name: str, stage: str, case: Case, model: torch.nn.Module, ctx
 
 
 def _samplers(combo: Combo, runners: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    if not combo.graphs:
+    """The runtime's GraphedSampler for Stage C and B, wired as load_pipeline wires it (one shared pool)."""
+    if combo.graphs is None:
         return {}
-    if device.type != "cuda":
+    if combo.graphs == "graph" and device.type != "cuda":
         raise BackendUnavailable(f"CUDA graphs need a CUDA device (this run is on {device.type})")
     from cascade_rt.runtime.graphs import GraphedSampler
 
     for s in "cb":
         if not getattr(runners[s], "graph_safe", False):
             raise BackendUnavailable(f"stage {s} backend {runners[s].backend!r} is not CUDA-graph safe")
-    pool = torch.cuda.graph_pool_handle()
-    weights = lambda m: (lambda: list(m.parameters()) + list(m.buffers()))  # noqa: E731
+    pool = torch.cuda.graph_pool_handle() if combo.graphs == "graph" else None
+    weights = lambda m: (lambda: [*m.parameters(), *m.buffers()])  # noqa: E731
     return {
-        f"sampler_{s}": GraphedSampler(s, weights=weights(runners[s].model), pool=pool) for s in "cb"
+        f"sampler_{s}": GraphedSampler(s, mode=combo.graphs, weights=weights(runners[s].model), pool=pool)
+        for s in "cb"
     }
+
+
+def _inductor_counts() -> dict[str, int]:
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:  # pragma: no cover
+        return {}
+    return {k: int(v) for k, v in counters["inductor"].items() if k.startswith("fxgraph_cache")}
 
 
 def _manifests(engine_dir: Path) -> dict[Path, float]:
@@ -175,7 +194,7 @@ def run_combo(combo: Combo, case: Case, device: torch.device, dtype: torch.dtype
     try:
         metrics.reset_peak_memory(device)
         models = _build_models(case, device, dtype)
-        setup_ms, runners, before = {}, {}, _manifests(ctx.engine_dir)
+        setup_ms, runners, before, inductor0 = {}, {}, _manifests(ctx.engine_dir), _inductor_counts()
         for s in "cba":
             metrics.synchronize(device)
             t0 = time.perf_counter()
@@ -191,6 +210,7 @@ def run_combo(combo: Combo, case: Case, device: torch.device, dtype: torch.dtype
         for _ in range(wl.warmup - 1):
             run_once(stages, case, inputs, device)
         cold_peak = metrics.peak_memory(device)
+        inductor = {k: v - inductor0.get(k, 0) for k, v in _inductor_counts().items() if v - inductor0.get(k, 0)}
         metrics.reset_peak_memory(device)
         runs = [run_once(stages, case, inputs, device) for _ in range(wl.runs)]
         peak = metrics.peak_memory(device)
@@ -214,6 +234,7 @@ def run_combo(combo: Combo, case: Case, device: torch.device, dtype: torch.dtype
             "first_run_ms": first_wall_ms,
             "first_run_extra_ms": max(0.0, first_wall_ms - median),  # lazy compile, autotune, graph capture
             "engine_builds": builds,  # exports / engine builds this setup did (none: cache hit or no engines)
+            "inductor_cache": inductor,  # Inductor FX-graph cache hits/misses while compiling (warm vs cold)
         },
         e2e_ms=metrics.summarize(e2e),
         stage_ms=stage_ms,

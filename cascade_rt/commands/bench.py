@@ -27,12 +27,18 @@ from pathlib import Path
 
 ALL_BACKENDS = ("eager", "compile", "triton", "onnxruntime", "aoti", "tensorrt")
 ALL_PEERS = ("diffusers", "diffusers-compile", "max-autotune")
+CPU_DEFAULT_SKIPS = {
+    "diffusers-compile": (
+        "skipped by default on the CPU: Inductor compiles diffusers' two UNets and the VQGAN for minutes on 2 cores "
+        "(its C++ build dominates the main job); include it with --peers diffusers,diffusers-compile"
+    ),
+}
 TRITON_CPU_SKIP = (
     "skipped on the CPU: Triton kernels run there only through Triton's interpreter (TRITON_INTERPRET=1), which "
     "executes every program instance in Python, orders of magnitude slower than eager: a correctness tool "
     "(the kernel tests use it), not something to time"
 )
-REPO_ROOT = Path(__file__).resolve().parents[2]
+RESULTS_DIR = Path("benchmarks/results")  # relative to the repository root, where --record is run
 logger = logging.getLogger(__name__)
 
 
@@ -58,7 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="seed of weights, inputs and noise (default: the workload's)")
     p.add_argument("--device", help="cpu or cuda (default: the workload's)")
     p.add_argument("--threads", type=int, help="torch intra-op threads on the CPU (default: torch's choice)")
-    p.add_argument("--engines-dir", type=Path, default=REPO_ROOT / "engines", help="engine cache (default: engines/)")
+    p.add_argument("--engines-dir", type=Path, default=Path("engines"), help="engine cache (default: ./engines/)")
     p.add_argument("--out", type=Path, default=Path("out/bench"), help="output folder (default: out/bench/)")
     p.add_argument("--budget-s", type=float, help="stop starting new combinations after this many seconds")
     p.add_argument("--record", action="store_true", help="also copy the run into benchmarks/results/ (+ results.csv)")
@@ -69,7 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _git(*args: str) -> str | None:
     try:
-        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10,
+        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
                               check=True).stdout.strip()  # fmt: skip
     except Exception:  # not a checkout, or no git: recorded as unknown
         return None
@@ -96,7 +102,7 @@ def environment_header(device, argv: list[str]) -> dict:
     env.update(
         device_detail=_device_detail(device), platform=platform.platform(), git_sha=_git("rev-parse", "HEAD") or "unknown",
         git_dirty=bool(_git("status", "--porcelain", "--untracked-files=no")),
-        load_avg=" ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        cpu_count=os.cpu_count(), load_avg=" ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else None,
     )  # fmt: skip
     timing = ("CUDA events around each stage, read after one synchronize per run" if device.type == "cuda"
               else "time.perf_counter around each stage")  # fmt: skip
@@ -115,15 +121,18 @@ def build_combos(args: argparse.Namespace, device) -> list:
 
     backends = args.backends or ALL_BACKENDS
     peers = () if args.peers == ("none",) else (args.peers or ALL_PEERS)
-    combos = []
+    combos, skipped = [], []
+    if args.peers is None and device.type == "cpu":
+        skipped = [parse_combo(p, CPU_DEFAULT_SKIPS[p]) for p in peers if p in CPU_DEFAULT_SKIPS]
+        peers = tuple(p for p in peers if p not in CPU_DEFAULT_SKIPS)
     for name in backends:
-        skip = TRITON_CPU_SKIP if name.removesuffix("+graphs") == "triton" and device.type != "cuda" else None
+        skip = TRITON_CPU_SKIP if name.split("+")[0] == "triton" and device.type != "cuda" else None
         combos.append(parse_combo(name, skip))
-        if args.graphs and "+graphs" not in name:
+        if args.graphs and "+" not in name:
             combos.append(parse_combo(name + "+graphs"))
     combos += [parse_combo(c) for c in args.combo]
     combos += [parse_combo(p) for p in peers]
-    return combos
+    return combos + skipped
 
 
 def _write(run, out: Path) -> Path:
@@ -138,17 +147,20 @@ def _write(run, out: Path) -> Path:
 def record(results: dict, out: Path, files: list[Path]) -> Path:
     """Copy the run into benchmarks/results/<run id>/ and append its rows to benchmarks/results/results.csv."""
     from cascade_rt.benchmarks.report import CSV_FIELDS, csv_rows
+    from cascade_rt.errors import ConfigError
 
     env = results["environment"]
     device = "".join(ch if ch.isalnum() else "-" for ch in env["device"]).strip("-").lower()
     stamp = results["created"].replace(":", "").replace("-", "")[:15]
     run_id = f"{stamp}-{device}-{results['workload']['name']}-{env['git_sha'][:7]}"
-    dest = REPO_ROOT / "benchmarks" / "results" / run_id
+    if not RESULTS_DIR.is_dir():
+        raise ConfigError(f"--record writes into {RESULTS_DIR}/ of the repository: run it from the repository root")
+    dest = RESULTS_DIR / run_id
     dest.mkdir(parents=True, exist_ok=True)
     for f in [out / "results.json", out / "report.md", *files]:
         if f.exists():
             shutil.copy2(f, dest / f.name)
-    table = REPO_ROOT / "benchmarks" / "results" / "results.csv"
+    table = RESULTS_DIR / "results.csv"
     new = not table.exists()
     with table.open("a", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)

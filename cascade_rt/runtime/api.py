@@ -153,8 +153,9 @@ def load_pipeline(
     memory = memory or default_memory
     device = _device(device)
     per_stage = parse_backend_spec(backend)
-    for stage, name in per_stage.items():  # fail before building gigabytes of models
-        require_backend(name, device)
+    for name in dict.fromkeys(per_stage.values()):  # fail before building gigabytes of models
+        backend_obj = require_backend(name, device)
+        backend_obj.prepare(device)  # process-level setup (the Triton interpreter on a CPU) before any build
     build_device = device if memory == "resident" else torch.device("cpu")
     if random_weights:
         if weights is not None:

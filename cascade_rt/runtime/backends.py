@@ -18,7 +18,9 @@ Each backend documents its tolerance against eager (see `Tolerance` and docs/run
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
+import sys
 import os
 import shutil
 from collections.abc import Callable, Mapping
@@ -134,17 +136,21 @@ class Backend(Protocol):
     def build(self, stage: str, model: nn.Module, ctx: BuildContext) -> StageRunner:
         """The runner for `stage`. May modify `model` in place (module swaps), never its weights' values."""
 
+    def prepare(self, device: torch.device) -> None:
+        """Process-level setup before any model is built or exported (most backends: nothing)."""
+
 
 def _eager_step(stage: str, model: nn.Module) -> Callable[..., Tensor]:
     return model.decode if stage == "a" else model.denoise
 
 
 def _module_missing(module: str, what: str) -> str | None:
+    """Whether `module` is installed, found without importing it (importing triton would fix its mode)."""
     try:
-        importlib.import_module(module)
-    except Exception as exc:  # missing or broken install: report, don't crash `available_backends()`
-        return f"{what} cannot be imported ({type(exc).__name__}: {exc})"
-    return None
+        found = importlib.util.find_spec(module) is not None
+    except Exception as exc:  # a broken parent package: report, don't crash `available_backends()`
+        return f"{what} cannot be found ({type(exc).__name__}: {exc})"
+    return None if found else f"{what} is not installed"
 
 
 def _cxx_compiler() -> str | None:
@@ -159,6 +165,9 @@ class EagerBackend:
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         return None
+
+    def prepare(self, device: torch.device) -> None:
+        pass
 
     def build(self, stage: str, model: nn.Module, ctx: BuildContext) -> StageRunner:
         return StageRunner(
@@ -185,6 +194,9 @@ class CompileBackend:
             return "Inductor on the CPU needs a C++ compiler (c++/g++/clang++ on PATH); install one or use eager"
         return None
 
+    def prepare(self, device: torch.device) -> None:
+        pass
+
     def build(self, stage: str, model: nn.Module, ctx: BuildContext) -> StageRunner:
         step = torch.compile(_eager_step(stage, model), dynamic=False, mode=ctx.compile_mode)
         return StageRunner(stage, model, backend=self.name, graph_safe=True, tolerance=self.tolerance, step=step)
@@ -193,8 +205,10 @@ class CompileBackend:
 class TritonBackend:
     """cascade_rt.kernels: the model's blocks swapped for fused Triton kernels (`apply_triton_kernels`).
 
-    On a CPU the kernels run only through Triton's interpreter (TRITON_INTERPRET=1, set by scripts/test.sh):
-    correct, slow, meant for tests and the tiny preset.
+    On a CPU the kernels run only through Triton's interpreter: correct, slow, meant for tests and the tiny
+    preset. `triton.jit` fixes compiled vs interpreted when triton is first imported, so `prepare` (called by
+    `build_runner` and `load_pipeline` before anything is built or exported) sets TRITON_INTERPRET=1 on a CPU
+    if triton has not been imported yet; otherwise it must have been exported before Python started.
     """
 
     name = "triton"
@@ -206,12 +220,18 @@ class TritonBackend:
         missing = _module_missing("triton", "triton")
         if missing:
             return f"{missing}; pip install triton (Linux + CUDA GPU)"
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        if device.type != "cuda" and not _interpreting() and "triton" in sys.modules:
             return (
-                f"Triton kernels need a CUDA GPU (device is {device.type}); on a CPU they run only through the "
-                "interpreter: export TRITON_INTERPRET=1 before starting Python (slow; tests and tiny presets)"
+                f"Triton kernels need a CUDA GPU (device is {device.type}); on a CPU they run through the "
+                "interpreter, which must be chosen before triton is imported: export TRITON_INTERPRET=1 before "
+                "starting Python (slow; tests and tiny presets)"
             )
         return _module_missing("cascade_rt.kernels.backend", "the Triton kernel backend (cascade_rt.kernels.backend)")
+
+    def prepare(self, device: torch.device) -> None:
+        if device.type != "cuda" and not _interpreting() and "triton" not in sys.modules:
+            os.environ["TRITON_INTERPRET"] = "1"
+            logger.info("triton backend on %s: Triton's interpreter (TRITON_INTERPRET=1), slow", device.type)
 
     def build(self, stage: str, model: nn.Module, ctx: BuildContext) -> StageRunner:
         from cascade_rt.kernels.backend import apply_triton_kernels
@@ -221,6 +241,10 @@ class TritonBackend:
         return StageRunner(
             stage, model, backend=self.name, graph_safe=True, tolerance=self.tolerance, step=_eager_step(stage, model)
         )
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _engine_backends() -> list[Backend]:
@@ -329,6 +353,8 @@ def build_runner(
     """Check that `backend` can run on ctx.device, then build the stage runner (BackendUnavailable otherwise)."""
     if stage not in STAGES:
         raise ConfigError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
-    runner = require_backend(backend, ctx.device, registry).build(stage, model, ctx)
+    chosen = require_backend(backend, ctx.device, registry)
+    getattr(chosen, "prepare", lambda device: None)(ctx.device)
+    runner = chosen.build(stage, model, ctx)
     logger.debug("stage %s: %r", stage, runner)
     return runner

@@ -77,6 +77,9 @@ class _EngineBackend:
     def unavailable_reason(self, device: torch.device) -> str | None:
         raise NotImplementedError
 
+    def prepare(self, device: torch.device) -> None:
+        pass
+
     def _engines_missing(self) -> str | None:
         return _module_missing("cascade_rt.export.engines", "the export layer's engines (cascade_rt.export.engines)")
 

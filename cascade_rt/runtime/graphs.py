@@ -224,6 +224,7 @@ class GraphedSampler:
         self._fingerprint: tuple[int, ...] | None = None
         self.entries: dict[GraphKey, _Entry] = {}
         self._warned: set[Any] = set()
+        self._failed: set[GraphKey] = set()  # keys whose capture failed: eager from then on
         self.stats = {"replays": 0, "captures": 0, "fallbacks": 0, "invalidations": 0}
 
     def freeze(self) -> None:
@@ -238,6 +239,7 @@ class GraphedSampler:
 
     def reset(self) -> None:
         self.entries.clear()
+        self._failed.clear()
         self._fingerprint = None
 
     def sample_stage(
@@ -300,7 +302,7 @@ class GraphedSampler:
             self.stats["fallbacks"] += 1
             return run_plan(model, x, plan.to(x.device), cond, uncond, **eager)
         if entry is None:
-            if not self.capture_new:
+            if not self.capture_new or key in self._failed:
                 self._warn_once(key, "stage %s: no CUDA graph for %s (not captured); running eagerly", self.stage, key)
                 self.stats["fallbacks"] += 1
                 return run_plan(model, x, plan.to(x.device), cond, uncond, **eager)
@@ -351,6 +353,7 @@ class GraphedSampler:
             with torch.cuda.graph(graph, pool=self.pool, stream=side):
                 static.run(calls)
         except Exception as exc:  # a backend that is not capturable: keep working, eagerly, and say so once
+            self._failed.add(key)
             self._warn_once(key, "stage %s: CUDA-graph capture failed for %s (%s: %s); running eagerly",
                             self.stage, key, type(exc).__name__, exc)  # fmt: skip
             return None

@@ -237,3 +237,25 @@ def test_gpu_graphs_capture_compile_and_triton_stages(backend, c_inputs):
     assert sampler.stats["captures"] == 1 and sampler.stats["fallbacks"] == 0
     rel = ((out - ref).abs().max() / ref.abs().max()).item()
     assert rel <= 10 * runner.tolerance.bf16, rel
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_gpu_uncapturable_step_falls_back_once(c_inputs, caplog):
+    """A denoiser that reads a value on the host cannot be captured: eager, one warning, never retried."""
+    model = build_model("stage_c_tiny", device="cuda", seed=0)
+    x, cond, uncond = c_inputs(model, 1, 8, device="cuda")
+
+    def host_reading(x, r, **kw):
+        if float(r[0]) > 2:  # a host sync: illegal while capturing
+            raise AssertionError
+        return model.denoise(x, r, **kw)
+
+    sampler = GraphedSampler("c")
+    with caplog.at_level(logging.WARNING):
+        outs = [sampler.sample_stage(host_reading, x, cond, uncond, generator=torch.Generator().manual_seed(7),
+                                     **SETTINGS) for _ in range(2)]  # fmt: skip
+    ref = _eager(model, x, cond, uncond)
+    assert all(torch.allclose(o, ref, atol=1e-5) for o in outs)
+    assert len([w for w in _warnings(caplog) if "capture failed" in w.getMessage()]) == 1
+    assert sampler.stats["captures"] == 0 and sampler.stats["fallbacks"] == 2

@@ -4,6 +4,9 @@ through the interpreter, A on eager) within tolerance, memory modes, batching/th
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -117,13 +120,16 @@ def test_throughput_batches_equal_per_batch_calls(reference):
 
 @pytest.mark.slow
 def test_cli_generate_with_mixed_backends(tmp_path, engine_dir, reference):
-    from cascade_rt.cli import main
-
+    """The issue's command in a fresh process without TRITON_INTERPRET (the backend switches the interpreter on)."""
     out = tmp_path / "out.png"
     args = ["generate", "a cat", "--random-weights", "--preset", "tiny", "--dtype", "fp32", "--device", "cpu",
             "--height", "256", "--width", "256", "--steps-c", "3", "--steps-b", "1", "--seed", "4",
             "--backend", "c=onnxruntime,b=triton,a=eager", "--engine-dir", str(engine_dir), "-o", str(out)]  # fmt: skip
-    assert main(args) == 0
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["OMP_NUM_THREADS"] = "1"
+    res = subprocess.run([sys.executable, "-m", "cascade_rt.cli", *args], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "timings:" in res.stdout and "RANDOM WEIGHTS" in res.stderr
     image = Image.open(out)
     meta = json.loads(image.text["cascade-rt"])
     assert meta["seed"] == 4 and image.size == (256, 256)

@@ -31,6 +31,13 @@ def environment() -> dict:
     return env
 
 
+def backends() -> dict:
+    """Every runtime backend on this machine's default device: "ok", or why it cannot run."""
+    from cascade_rt.runtime.backends import available_backends
+
+    return {name: "ok" if s.available else s.reason for name, s in available_backends().items()}
+
+
 def run(args: argparse.Namespace) -> int:
-    print(json.dumps(environment(), indent=2))
+    print(json.dumps({**environment(), "backends": backends()}, indent=2))
     return 0

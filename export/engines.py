@@ -27,6 +27,7 @@ from cascade_rt.errors import ConfigError
 from cascade_rt.export.build import FORMATS, EngineRequest, model_dtype, random_model
 from cascade_rt.export.cache import EngineCache
 from cascade_rt.export.engine import Engine
+from cascade_rt.export.sources import model_fingerprint
 from cascade_rt.export.specs import PRECISIONS, Dims, make_spec
 
 logger = logging.getLogger(__name__)
@@ -54,12 +55,6 @@ def preset_of(model: nn.Module) -> str:
         if same_class and _preset_signature(name) == sig:
             return name
     return "custom-" + hashlib.sha256(json.dumps(sig).encode()).hexdigest()[:10]
-
-
-def weights_fingerprint(model: nn.Module) -> str:
-    from cascade_rt.checkpoint_io import weights_hash
-
-    return weights_hash(model.state_dict())
 
 
 def load_engine(
@@ -93,7 +88,7 @@ def load_engine(
             Dims(batch=b, height=h, width=w)
     request = EngineRequest(
         stage=spec.stage, preset=preset_of(model), format=kind, precision=precision,
-        weights_hash=weights_fingerprint(model), dims=dims, dynamic=not static,
+        weights_hash=model_fingerprint(model), dims=dims, dynamic=not static,
         device="cuda" if device.type == "cuda" else "cpu",
     )  # fmt: skip
     options = {"weights_source": {"model_id": model_id}}

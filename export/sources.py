@@ -6,11 +6,13 @@ keeps, so `cascade-rt engines verify` can rebuild the same eager model (`model_f
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from cascade_rt.errors import ConfigError, WeightsError
@@ -29,11 +31,22 @@ class Source:
     record: dict[str, Any]
 
 
-def random_source(stage: str, preset: str, precision: str, seed: int = 0) -> Source:
-    from cascade_rt.checkpoint_io import weights_hash
+def model_fingerprint(model: nn.Module, samples: int = 256) -> str:
+    """"model:<sha256>" of every tensor's name, dtype, shape and `samples` evenly spaced elements: the weights
+    identity of an in-memory model (checkpoint files use `weights.weights_hash(path)`)."""
+    h = hashlib.sha256(b"cascade-rt model fingerprint v1")
+    for name, t in sorted(model.state_dict().items()):
+        flat = t.detach().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if flat.numel() > samples:  # integer index arithmetic (a float32 linspace overshoots past 2**24)
+            flat = flat[torch.arange(samples, dtype=torch.int64) * (flat.numel() - 1) // (samples - 1)]
+        h.update(flat.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return "model:" + h.hexdigest()
 
+
+def random_source(stage: str, preset: str, precision: str, seed: int = 0) -> Source:
     model = random_model(preset, precision, seed=seed, device="cpu")
-    return Source(model, preset, weights_hash(model.state_dict()), {"random_seed": seed})
+    return Source(model, preset, model_fingerprint(model), {"random_seed": seed})
 
 
 def weights_source(stage: str, weights_dir: str | Path, precision: str, *, lite: bool = False) -> Source:

@@ -158,6 +158,14 @@ def reset_peak_memory(device: torch.device | str) -> bool:
         return False
 
 
+def current_memory(device: torch.device | str) -> int | None:
+    """Bytes in use now: CUDA memory allocated, or the process RSS (None where it cannot be read)."""
+    if torch.device(device).type == "cuda":
+        return int(torch.cuda.memory_allocated())
+    rss = _read_status_kib("VmRSS")
+    return rss * 1024 if rss is not None else None
+
+
 def peak_memory(device: torch.device | str) -> dict[str, object]:
     """{"bytes": peak, "kind": what was measured} for the current window (see `reset_peak_memory`)."""
     if torch.device(device).type == "cuda":

@@ -73,6 +73,10 @@ def _busy(env: dict[str, Any]) -> str | None:
     return None
 
 
+def _delta(n: Any) -> str:
+    return f" (+{_bytes(max(0, n))})" if n is not None else ""
+
+
 def header_lines(results: dict[str, Any]) -> list[str]:
     env, wl = results.get("environment", {}), results.get("workload", {})
     peak = results.get("matmul_peak", {})
@@ -92,7 +96,8 @@ def header_lines(results: dict[str, Any]) -> list[str]:
     lines += [
         f"* Device: {env.get('device', '?')} ({env.get('device_detail', '')}); {versions}; git {sha}",
         f"* Workload: {wl.get('description', '')}; dtype {wl.get('dtype')}, seed {wl.get('seed')}, "
-        f"{wl.get('runs')} timed runs after {wl.get('warmup')} warm-up run(s); median and p90 over the timed runs",
+        f"{wl.get('runs')} timed runs after {wl.get('warmup')} warm-up run(s), "
+        f"{results.get('timed_runs', 'sequential')}; median and p90 over the timed runs",
         f"* Timing: {results.get('timing', '')}",
         f"* Matmul rate measured in this run: {_num(peak.get('tflops'))} TFLOP/s ({peak.get('dtype')} "
         f"{peak.get('size')}³, {peak.get('threads')} threads): the roofline column's 100 %",
@@ -134,7 +139,8 @@ def table_row(row: dict[str, Any], with_fp32: bool = False) -> str:
         f"{_num(row['stage_ms']['stage_a']['median'])} | {_num(e2e['median'])} / {_num(e2e['p90'])} / "
         f"{_num(e2e.get('min'))} | "
         f"{_num(row['images_per_s'])} | {_num(row.get('speedup_vs_eager', {}).get('e2e'))}× | "
-        f"{_bytes(row['peak_memory']['bytes'])} | {_num(cold['setup_ms'] / 1e3)} / "
+        f"{_bytes(row['peak_memory']['bytes'])}{_delta(row['peak_memory'].get('run_delta_bytes'))} | "
+        f"{_num(cold['setup_ms'] / 1e3)} / "
         f"{_num(cold['first_run_extra_ms'] / 1e3)} | {_sci(acc.get('rel_l2_stage_c'))} / "
         f"{_sci(acc.get('rel_l2_stage_b'))} | {_num(acc.get('psnr_db'))} | "
         f"{_num(roof['tflops'])} ({_num(roof['pct_of_matmul'], 2)} %) |"
@@ -199,7 +205,8 @@ def render_markdown(results: dict[str, Any]) -> str:
     lines += [
         "Columns: ms/step = the stage's median time / its steps (conditioning and sampler included); e2e = "
         "Stage C + B + A (text encoder not included); speed-up = eager e2e median / this e2e median; peak mem = "
-        f"{memory_kind or 'peak memory'} over the timed runs; cold costs are apart from the steady-state numbers "
+        f"{memory_kind or 'peak memory'} during this row's timed runs (device/process-wide, so it includes whatever "
+        "else was resident), in parentheses its rise over what was in use when a run started; cold costs are apart from the steady-state numbers "
         "(setup = export + engine build or cache load + module swaps; 1st-run extra = first run minus the median: "
         "lazy compilation, autotuning, CUDA-graph capture); rel err = ||x - x_eager|| / ||x_eager|| of the stage's "
         "output latent; PSNR of the final image against eager's (inf = identical); vs fp32 (when shown) = the same "

@@ -120,7 +120,7 @@ def test_standard_workload_cases():
 
 
 def test_parse_combo():
-    from cascade_rt.benchmarks.runner import parse_combo
+    from cascade_rt.benchmarks.combos import parse_combo
 
     c = parse_combo("c=onnxruntime,b=compile,a=eager")
     assert c.per_stage == {"c": "onnxruntime", "b": "compile", "a": "eager"} and c.kind == "backend"

@@ -66,6 +66,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="torch intra-op threads on the CPU (default: torch's choice)")
     p.add_argument("--engines-dir", type=Path, default=Path("engines"), help="engine cache (default: ./engines/)")
     p.add_argument("--out", type=Path, default=Path("out/bench"), help="output folder (default: out/bench/)")
+    p.add_argument("--order", choices=("interleaved", "sequential"),
+                   help="timed runs round robin over all combinations (default on CPU) or one combination at a time "
+                        "(default on GPU: only one is resident)")
     p.add_argument("--budget-s", type=float, help="stop starting new combinations after this many seconds")
     p.add_argument("--record", action="store_true", help="also copy the run into benchmarks/results/ (+ results.csv)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots and the image grid")
@@ -117,7 +120,7 @@ def environment_header(device, argv: list[str]) -> dict:
 
 
 def build_combos(args: argparse.Namespace, device) -> list:
-    from cascade_rt.benchmarks.runner import parse_combo
+    from cascade_rt.benchmarks.combos import parse_combo
 
     backends = args.backends or ALL_BACKENDS
     peers = () if args.peers == ("none",) else (args.peers or ALL_PEERS)
@@ -214,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
           f"{len(wl.cases())} case(s) x {len(combos)} combination(s), RANDOM weights; writing {args.out}/", flush=True)  # fmt: skip
     run_ = run_workload(
         wl, combos, device=device, header=header, engine_dir=args.engines_dir, budget_s=args.budget_s,
-        on_update=lambda r: _write(r, args.out),
+        interleave=None if args.order is None else args.order == "interleaved", on_update=lambda r: _write(r, args.out),
     )  # fmt: skip
     _write(run_, args.out)
     markdown = render_markdown(run_.results)

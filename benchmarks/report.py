@@ -244,12 +244,29 @@ def csv_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def latest(results_dir: Path, gpu: bool = True) -> Path | None:
+    """The newest recorded results JSON (by its `created`) made on a GPU (gpu=True) or on a CPU."""
+    found = []
+    for path in Path(results_dir).glob("*/results.json"):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if (data.get("environment", {}).get("device", "CPU") != "CPU") == gpu:
+            found.append((data.get("created", ""), path))
+    return max(found)[1] if found else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="render a cascade-rt benchmark results JSON as markdown")
-    parser.add_argument("results", type=Path, help="results JSON written by `cascade-rt bench`")
+    parser.add_argument("results", type=Path, nargs="?", help="results JSON written by `cascade-rt bench`")
+    parser.add_argument("--latest-gpu", action="store_true", help="the newest GPU run recorded in benchmarks/results/")
     parser.add_argument("-o", "--output", type=Path, help="write the markdown here instead of stdout")
     args = parser.parse_args(argv)
-    text = render_markdown(json.loads(args.results.read_text()))
+    path = args.results or (latest(Path("benchmarks/results")) if args.latest_gpu else None)
+    if path is None:
+        parser.error("give a results JSON, or --latest-gpu (none recorded yet in benchmarks/results/)")
+    text = render_markdown(json.loads(path.read_text()))
     if args.output:
         args.output.write_text(text)
     else:

@@ -30,6 +30,7 @@ from cascade_rt.errors import BackendUnavailable, ConfigError
 
 logger = logging.getLogger(__name__)
 
+INTERLEAVE_PAUSE_S = 0.2  # between interleaved runs: OpenMP / ONNX Runtime pools spin for a while after work
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 __all__ = ["BenchmarkRun", "Combo", "parse_combo", "run_workload"]
@@ -131,6 +132,7 @@ def run_case(case: Case, combos: list[Combo], *, device: torch.device, dtype: to
         logger.info("case %s: %d timed rounds over %d combinations", case.key, case.workload.runs, len(prepared))
         for _ in range(case.workload.runs):
             for label, p in list(prepared.items()):
+                time.sleep(INTERLEAVE_PAUSE_S)  # let the previous backend's spinning worker threads go idle
                 _, failed = _try(p.combo, case, "timing", lambda p=p: measure(p, case, device))
                 if failed is not None:
                     ref = None if p is ref else ref

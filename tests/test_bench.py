@@ -170,6 +170,21 @@ def test_report_renders_table_reasons_and_random_weights_note():
     assert [r["backend"] for r in rows] == ["eager", "onnxruntime", "tensorrt"] and rows[2]["e2e_median_ms"] is None
 
 
+def test_report_latest_gpu_run(tmp_path):
+    from cascade_rt.benchmarks.report import latest, main
+
+    for name, device, created in (("a", "NVIDIA H100 80GB HBM3", "2026-01-01"), ("b", "NVIDIA H200", "2026-02-01"),
+                                  ("c", "CPU", "2026-03-01")):  # fmt: skip
+        (tmp_path / name).mkdir()
+        data = {**_fake_results(), "created": created, "environment": {"device": device, "git_sha": "x"}}
+        (tmp_path / name / "results.json").write_text(json.dumps(data))
+    assert latest(tmp_path) == tmp_path / "b" / "results.json"
+    assert latest(tmp_path, gpu=False) == tmp_path / "c" / "results.json"
+    out = tmp_path / "table.md"
+    assert main([str(tmp_path / "b" / "results.json"), "-o", str(out)]) == 0
+    assert "on NVIDIA H200" in out.read_text()
+
+
 # ------------------------------------------------------------------------------------------ end to end
 
 

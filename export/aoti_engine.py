@@ -21,7 +21,7 @@ from cascade_rt.errors import EngineError
 from cascade_rt.export.engine import check_inputs, named_inputs
 from cascade_rt.export.graphs import stage_graph
 from cascade_rt.export.manifest import Manifest
-from cascade_rt.export.onnx_export import example_dims, export_dynamic_shapes, model_precision
+from cascade_rt.export.onnx_export import example_dims, export_dynamic_shapes, heartbeat, model_precision
 from cascade_rt.export.specs import Dims, StageSpec
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def compile_aoti(
     inputs = spec.sample_inputs(example_dims(dims, dynamic), precision, device=device)
     logger.info("AOTInductor: exporting and compiling %s (%s, %s) for %s", spec.stage, spec.preset, precision, device)
     start = time.perf_counter()
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), heartbeat(f"compiling {Path(path).name}"):
         warnings.simplefilter("ignore")
         program = torch.export.export(
             graph, tuple(inputs.values()), dynamic_shapes=export_dynamic_shapes(spec) if dynamic else None

@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from cascade_rt.errors import EngineError, NumericsError
+from cascade_rt.errors import CascadeError, EngineError
 from cascade_rt.export.build import EngineRequest, base_manifest, build_files, run_validation, spec_for
 from cascade_rt.export.engine import Engine, open_engine_files
 from cascade_rt.export.manifest import MANIFEST_SUFFIX, Manifest, fsync_dir
@@ -183,11 +183,11 @@ class EngineCache:
             return []
         if model_factory is None:
             return ["cannot re-validate: no model to compare with (pass the weights)"]
-        model = model_factory(m)
-        engine = open_engine_files(self.root, m, device=request.device)
         try:
+            model = model_factory(m)
+            engine = open_engine_files(self.root, m, device=request.device)
             report = run_validation(engine, model, StageSpec.from_dict(m.spec), request)
-        except (EngineError, NumericsError) as exc:
+        except CascadeError as exc:  # weights gone or changed, engine unloadable, ...
             return [str(exc)]
         return report["errors"]
 

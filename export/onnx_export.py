@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -109,6 +110,24 @@ def example_dims(dims: Dims, dynamic: bool) -> Dims:
 
 
 @contextlib.contextmanager
+def heartbeat(what: str, every: float = 30.0):
+    """Log 'still working' every `every` seconds while a long step (export, compile, build) runs."""
+    stop, start = threading.Event(), time.perf_counter()
+
+    def beat() -> None:
+        while not stop.wait(every):
+            logger.info("%s: still working (%.0f s)", what, time.perf_counter() - start)
+
+    thread = threading.Thread(target=beat, name="export-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+@contextlib.contextmanager
 def quiet_loggers(*names: str, level: int = logging.WARNING):
     """The exporter's optimiser logs every pass at INFO; keep our progress log readable (restored after)."""
     loggers = [logging.getLogger(n) for n in names]
@@ -156,7 +175,8 @@ def export_onnx(
         spec.stage, spec.preset, precision, "dynamic" if dynamic else "static", weight_bytes / 1e9, path,
     )  # fmt: skip
     start = time.perf_counter()
-    with warnings.catch_warnings(), quiet_loggers("onnx_ir", "onnxscript"), torch.no_grad():
+    quiet = quiet_loggers("onnx_ir", "onnxscript")
+    with warnings.catch_warnings(), quiet, heartbeat(f"exporting {path.name}"), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             graph,
@@ -169,11 +189,11 @@ def export_onnx(
             optimize=optimize,
             verbose=False,
         )
-    _rename_io_dims(program.model, spec)
-    external = weight_bytes > EXTERNAL_DATA_BYTES
-    path.parent.mkdir(parents=True, exist_ok=True)
-    program.save(path, external_data=external)
-    del program
+        _rename_io_dims(program.model, spec)
+        external = weight_bytes > EXTERNAL_DATA_BYTES
+        path.parent.mkdir(parents=True, exist_ok=True)
+        program.save(path, external_data=external)
+        del program
     seconds = time.perf_counter() - start
     ops = check_onnx(path, spec, precision)
     files = [path] + ([path.with_name(path.name + ".data")] if external else [])

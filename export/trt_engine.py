@@ -24,6 +24,7 @@ from torch import Tensor
 from cascade_rt.errors import BackendUnavailable, EngineError
 from cascade_rt.export.engine import check_inputs, named_inputs
 from cascade_rt.export.manifest import Manifest
+from cascade_rt.export.onnx_export import heartbeat
 from cascade_rt.export.onnx_passes import prepare_for_tensorrt
 from cascade_rt.export.specs import Dims, StageSpec
 
@@ -83,7 +84,8 @@ def build_engine(
     cache = config.create_timing_cache(cache_bytes)
     config.set_timing_cache(cache, ignore_mismatch=False)
     start = time.perf_counter()
-    plan = builder.build_serialized_network(network, config)
+    with heartbeat(f"TensorRT building {Path(plan_path).name}"):
+        plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise EngineError(f"TensorRT failed to build an engine from {graph} (see the TensorRT log above)")
     seconds = time.perf_counter() - start

@@ -156,3 +156,21 @@ def test_engines_list_and_clean_cli(engines_copy: Path, capsys):
     assert "orphan.onnx" in out and ".build-leftover" in out and len(list(engines_copy.glob("*.json"))) == 8
     assert main(["engines", "clean", "--all", "--engine-dir", str(engines_copy)]) == 0
     assert list(engines_copy.iterdir()) == []
+
+
+def test_export_from_a_weights_folder_and_verify_notices_new_weights(tmp_path: Path, save_official, capsys):
+    from cascade_rt.models.presets import build_model
+
+    weights, root = tmp_path / "weights", tmp_path / "engines"
+    weights.mkdir()
+    save_official(build_model("stage_a_tiny", seed=1), weights / "stage_a.safetensors")
+    argv = ["export", "--stage", "a", "--format", "onnxruntime", "--weights", str(weights),
+            "--height", "256", "--width", "256", "--engine-dir", str(root)]  # fmt: skip
+    assert main(argv) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["engine"] == "stage_a-stage_a_tiny-fp32-b1-256x256-onnxruntime.onnx"
+    assert Manifest.read(next(root.glob("*.json"))).build["weights_source"]["weights"].endswith("stage_a.safetensors")
+    assert verify_cli(root) == 0
+    save_official(build_model("stage_a_tiny", seed=2), weights / "stage_a.safetensors")  # the weights changed
+    assert verify_cli(root) == 1
+    assert "missing or changed" in capsys.readouterr().out

@@ -37,7 +37,8 @@ def test_cli_export_all_writes_valid_graphs(tiny_onnx_dir: Path):
         assert not m.file_problems(tiny_onnx_dir)
         spec = StageSpec.from_dict(m.spec)
         ops = check_onnx(tiny_onnx_dir / m.engine_file, spec, "fp32")  # checker(full) + strict shape inference
-        opset = {o.domain: o.version for o in onnx.load(tiny_onnx_dir / m.engine_file, load_external_data=False).opset_import}
+        proto = onnx.load(tiny_onnx_dir / m.engine_file, load_external_data=False)
+        opset = {o.domain: o.version for o in proto.opset_import}
         assert opset[""] >= 17
         if stage in ("stage_c", "stage_b", "stage_a", "text"):
             assert "LayerNormalization" in ops, ops

@@ -52,9 +52,9 @@ def test_profiles_static_and_dynamic():
 
 
 def test_fp16_refused_for_the_denoisers_with_the_reason():
-    for stage in ("stage_c", "stage_c_cond", "stage_b"):
+    for stage, preset in (("stage_c", "stage_c_tiny"), ("stage_c_cond", "stage_c_tiny"), ("stage_b", "stage_b_tiny")):
         with pytest.raises(ConfigError, match="overflow in float16.*6.1"):
-            spec_for(stage, stage.split("_cond")[0].replace("stage_c", "stage_c_tiny").replace("stage_b", "stage_b_tiny")).check_precision("fp16")
+            spec_for(stage, preset).check_precision("fp16")
     spec_for("stage_a", "stage_a_tiny").check_precision("fp16")  # allowed
 
 
@@ -72,7 +72,9 @@ def test_bind_reads_symbols_and_rejects_wrong_shapes():
 
 
 def test_spec_json_roundtrip():
-    for stage, preset in [("stage_c", "stage_c_tiny"), ("stage_b_cond", "stage_b_tiny"), ("previewer", "previewer_tiny"), ("text", "text_tiny")]:
+    pairs = [("stage_c", "stage_c_tiny"), ("stage_b_cond", "stage_b_tiny"), ("previewer", "previewer_tiny"),
+             ("text", "text_tiny")]  # fmt: skip
+    for stage, preset in pairs:
         spec = spec_for(stage, preset)
         assert StageSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
 

@@ -132,8 +132,8 @@ def test_builder_reports_missing_tensorrt(bf16_stage_b: Path, tmp_path: Path):
 
 @pytest.mark.tensorrt
 @pytest.mark.gpu
-@pytest.mark.skipif(not HAS_TRT, reason=UNAVAILABLE)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="TensorRT engines need a CUDA GPU")
+@pytest.mark.skipif(not HAS_TRT, reason=UNAVAILABLE)
 def test_tensorrt_build_and_run(tmp_path: Path):
     model = random_model("stage_b_tiny", "bf16", seed=0, device="cuda")
     request = EngineRequest("stage_b", "stage_b_tiny", "tensorrt", "bf16", "w", D, device="cuda")

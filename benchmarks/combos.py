@@ -25,7 +25,7 @@ from cascade_rt.benchmarks.harness import STAGE_SECTIONS, RunOutput, StageSet, r
 from cascade_rt.benchmarks.inputs import CaseInputs, make_inputs
 from cascade_rt.benchmarks.peers import PEERS, build_peer
 from cascade_rt.benchmarks.workloads import Case
-from cascade_rt.errors import BackendUnavailable
+from cascade_rt.errors import BackendUnavailable, NumericsError
 from cascade_rt.models import build_model
 
 STAGE_SEEDS = {"c": 2, "b": 3, "a": 4}  # weight seed offsets per stage (as pipeline.build_random_pipeline)
@@ -168,6 +168,7 @@ def prepare(combo: Combo, case: Case, device: torch.device, dtype: torch.dtype, 
     t0 = time.perf_counter()
     first = run_once(stages, case, inputs, device)
     first_ms = (time.perf_counter() - t0) * 1e3
+    check_finite(first)
     for _ in range(case.workload.warmup - 1):
         run_once(stages, case, inputs, device)
     inductor = {k: v - inductor0.get(k, 0) for k, v in _inductor_counts().items() if v != inductor0.get(k, 0)}
@@ -178,6 +179,13 @@ def prepare(combo: Combo, case: Case, device: torch.device, dtype: torch.dtype, 
         "inductor_cache": inductor,  # Inductor FX-graph cache hits/misses while compiling (warm vs cold)
     }
     return Prepared(combo, stages, inputs, models, first, cold, setup_ms, metrics.peak_memory(device))
+
+
+def check_finite(out: RunOutput) -> None:
+    """A backend whose output has NaN/Inf fails (as the pipeline's own check would), with where it appeared."""
+    for name, t in (("Stage C latent", out.latent_c), ("Stage B latent", out.latent_b), ("image", out.image)):
+        if not bool(torch.isfinite(t).all()):
+            raise NumericsError(f"the {name} has NaN/Inf values (first run): this backend's output is invalid")
 
 
 def measure(p: Prepared, case: Case, device: torch.device) -> None:

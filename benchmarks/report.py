@@ -38,8 +38,8 @@ def _num(x: Any, digits: int = 3) -> str:
     x = as_float(x)
     if x is None:
         return "–"
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
+    if not math.isfinite(x):
+        return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
     if x == 0 or abs(x) >= 10 ** (digits - 1):
         return f"{x:.0f}"
     return f"{x:.{max(0, digits - 1 - math.floor(math.log10(abs(x))))}f}"
@@ -49,6 +49,8 @@ def _sci(x: Any) -> str:
     x = as_float(x)
     if x is None:
         return "–"
+    if not math.isfinite(x):
+        return str(x)
     return "0" if x == 0 else f"{x:.1e}"
 
 
@@ -69,7 +71,8 @@ def _busy(env: dict[str, Any]) -> str | None:
         return None
     if cores and load > cores:
         return (f"The load average was {load:.1f} on {cores} cores when the run started: other processes shared "
-                "the CPU, so CPU timings are inflated and noisy (the min column is the least disturbed).")  # fmt: skip
+                "the CPU, so CPU timings are inflated and noisy (the min column is the least disturbed; with 2 or more "
+                "torch threads a preempted thread stalls the others, `--threads 1` degrades more gracefully).")  # fmt: skip
     return None
 
 

@@ -40,7 +40,7 @@ def compile_aoti(
     precision = model_precision(model)
     spec.check_precision(precision)
     graph = stage_graph(spec.stage, model.to(device))
-    inputs = spec.sample_inputs(example_dims(dims, dynamic), precision, device=device)
+    inputs = spec.sample_inputs(example_dims(spec, dims, dynamic), precision, device=device)
     logger.info("AOTInductor: exporting and compiling %s (%s, %s) for %s", spec.stage, spec.preset, precision, device)
     start = time.perf_counter()
     with warnings.catch_warnings(), torch.no_grad(), heartbeat(f"compiling {Path(path).name}"):

@@ -102,9 +102,9 @@ def export_dynamic_shapes(spec: StageSpec) -> tuple[dict[int, object], ...]:
     return tuple(shapes[n] for n in spec.input_names)
 
 
-def example_dims(dims: Dims, dynamic: bool) -> Dims:
+def example_dims(spec: StageSpec, dims: Dims, dynamic: bool) -> Dims:
     """Dynamic export needs every dynamic example size >= 2 (torch.export specialises 0 and 1)."""
-    if dynamic and dims.batch == 1 and not dims.cfg:
+    if dynamic and spec.symbol_values(dims)["N"] < 2:
         return Dims(2, dims.height, dims.width, dims.cfg)
     return dims
 
@@ -168,7 +168,7 @@ def export_onnx(
     opset = opset or OPSETS[precision]
     path = Path(path)
     graph = stage_graph(spec.stage, model)
-    inputs = spec.sample_inputs(example_dims(dims, dynamic), precision)
+    inputs = spec.sample_inputs(example_dims(spec, dims, dynamic), precision)
     weight_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     logger.info(
         "exporting %s (%s, %s, %s shapes, %.2f GB of weights) to %s",

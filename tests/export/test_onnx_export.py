@@ -86,7 +86,7 @@ def test_split_graphs_equal_the_unsplit_model(tiny_onnx_dir: Path, preset: str, 
 
 
 @pytest.mark.parametrize(
-    "stage,preset", [("stage_b_cond", "stage_b_tiny"), ("stage_b", "stage_b_tiny"), ("previewer", "previewer_tiny")]
+    "stage,preset", [("stage_b_cond", "stage_b_tiny"), ("stage_b", "stage_b_tiny"), ("stage_a", "stage_a_tiny")]
 )
 def test_dynamic_shapes(tmp_path: Path, stage: str, preset: str):
     """One dynamic graph, run at two batch sizes and resolutions (Stage B's latent is 32*k, x_add 16*k)."""

@@ -8,6 +8,7 @@ device-bound. CPU compilation uses the system C++ compiler (gcc).
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 import warnings
@@ -39,7 +40,10 @@ def compile_aoti(
     """Export the stage graph and compile it into a `.pt2` package at `path`; returns the seconds it took."""
     precision = model_precision(model)
     spec.check_precision(precision)
-    graph = stage_graph(spec.stage, model.to(device))
+    if next(model.parameters()).device != torch.device(device):
+        logger.warning("AOTInductor: compiling for %s from a copy of the model (it is not on that device)", device)
+        model = copy.deepcopy(model).to(device)
+    graph = stage_graph(spec.stage, model)
     inputs = spec.sample_inputs(example_dims(spec, dims, dynamic), precision, device=device)
     logger.info("AOTInductor: exporting and compiling %s (%s, %s) for %s", spec.stage, spec.preset, precision, device)
     start = time.perf_counter()

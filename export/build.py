@@ -151,8 +151,10 @@ def validation_dims(request: EngineRequest) -> list[Dims]:
 def run_validation(engine: Callable, model: nn.Module, spec: StageSpec, request: EngineRequest) -> dict[str, Any]:
     graph = stage_graph(spec.stage, model)
 
-    def reference(**inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        return run_graph(graph, spec, {k: v.to(request.device) for k, v in inputs.items()})
+    model_device = next(model.parameters()).device
+
+    def reference(**inputs: torch.Tensor) -> dict[str, torch.Tensor]:  # the eager graph, wherever the model is
+        return run_graph(graph, spec, {k: v.to(model_device) for k, v in inputs.items()})
 
     reports = [
         validate(engine, reference, spec, d, request.precision, device=request.device) for d in validation_dims(request)

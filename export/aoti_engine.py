@@ -40,7 +40,8 @@ def compile_aoti(
     """Export the stage graph and compile it into a `.pt2` package at `path`; returns the seconds it took."""
     precision = model_precision(model)
     spec.check_precision(precision)
-    if next(model.parameters()).device != torch.device(device):
+    want, have = torch.device(device), next(model.parameters()).device
+    if have.type != want.type or (want.index is not None and have.index != want.index):
         logger.warning("AOTInductor: compiling for %s from a copy of the model (it is not on that device)", device)
         model = copy.deepcopy(model).to(device)
     graph = stage_graph(spec.stage, model)

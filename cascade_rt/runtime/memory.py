@@ -31,29 +31,35 @@ logger = logging.getLogger(__name__)
 MEMORY_MODES = ("resident", "sequential", "offload")
 
 
+CONTAINERS = (nn.ModuleList, nn.Sequential)
+ENTRY_METHODS = ("forward", "attend", "cond_kv")  # how the models call their blocks (AttnBlock: not forward)
+
+
 def offload_units(model: nn.Module) -> list[nn.Module]:
-    """The blocks `offload` streams: the outermost non-ModuleList elements of ModuleLists that hold parameters
-    (UNet blocks, scalers and repeat mappers; CLIP layers), never one inside another. A model without
-    ModuleLists is one unit."""
+    """The blocks `offload` streams: the outermost non-container elements of ModuleLists / Sequentials that hold
+    parameters (UNet blocks, scalers, repeat mappers, 1x1 convs; CLIP layers; Stage A blocks), never one inside
+    another. Parameters outside every unit (clip mappers, embeddings of the text tower) stay resident."""
     units: list[nn.Module] = []
     inside: set[int] = set()  # ids of every module within a chosen unit
     for module in model.modules():  # pre-order: a unit is met before anything inside it
-        if id(module) in inside or not isinstance(module, nn.ModuleList):
+        if id(module) in inside or not isinstance(module, CONTAINERS):
             continue
         for child in module:
-            if not isinstance(child, nn.ModuleList) and any(True for _ in child.parameters()):
+            if not isinstance(child, CONTAINERS) and any(True for _ in child.parameters()):
                 units.append(child)
                 inside.update(id(m) for m in child.modules())
     return units or [model]
 
 
 class BlockOffloader:
-    """Forward pre/post hooks that stream each unit's tensors from (pinned) host memory to `device`.
+    """Streams each unit's tensors from (pinned) host memory to `device` around every call into the unit.
 
-    Host copies are the parameters' and buffers' storage between calls; the device copies exist only while the
-    unit runs. On CUDA, the next unit (in the call sequence recorded on the first forward) is copied on a
-    prefetch stream while the current one computes. Not graph-safe, not for torch.compile (hooks swap `.data`).
-    Works on any device pair (the CPU tests use cpu -> cpu, where the "copies" are the host tensors).
+    The unit's entry methods (`forward`, and `attend` / `cond_kv`, which the UNet calls on AttnBlocks directly)
+    are wrapped on the instance: on entry the parameters' `.data` point at device copies, on exit back at the
+    host tensors (re-entrant: `forward` calling `attend` loads once). On CUDA the next unit of the per-step call
+    sequence (recorded on the first forward; units repeat inside one: Stage B repeats levels) is copied on a
+    prefetch stream while the current one computes; at most one prefetch is pending. Not graph-safe and not for
+    torch.compile (`.data` swaps). Works on any device pair (the CPU tests use cpu -> cpu copies).
     """
 
     def __init__(self, model: nn.Module, device: torch.device, units: list[nn.Module] | None = None) -> None:
@@ -69,49 +75,68 @@ class BlockOffloader:
                 for t in (*unit.parameters(), *unit.buffers()):
                     host = t.data.to("cpu")
                     t.data = host.pin_memory() if cuda else host
-        self._order: list[int] = []  # unit indices in call order (with repeats), recorded on the first forward
+        self._order: list[int] = []  # unit indices in per-step call order (with repeats)
         self._recording, self._cursor = True, 0
-        self._prefetched: dict[int, tuple[list[Tensor], Any]] = {}
+        self._prefetched: tuple[int, list[Tensor], Any] | None = None
         self._stream = torch.cuda.Stream(self.device) if cuda else None
+        self._depth = [0] * len(self.units)
+        self._hosts: list[list[Tensor] | None] = [None] * len(self.units)
         self.transfers = 0
-        self._handles = []
         for idx, unit in enumerate(self.units):
-            self._handles.append(unit.register_forward_pre_hook(self._make_pre(idx)))
-            self._handles.append(unit.register_forward_hook(self._make_post(idx)))
+            for name in ENTRY_METHODS:
+                if callable(getattr(type(unit), name, None)):
+                    object.__setattr__(unit, name, self._wrap(idx, unit, name))
 
     @staticmethod
     def _tensors(unit: nn.Module) -> list[Tensor]:
         return [*unit.parameters(), *unit.buffers()]
 
+    def _wrap(self, idx: int, unit: nn.Module, name: str):
+        def entry(*args: Any, **kwargs: Any) -> Any:
+            self._enter(idx, step=name != "cond_kv")
+            try:
+                return getattr(type(unit), name)(unit, *args, **kwargs)  # the class's method: module swaps apply
+            finally:
+                self._exit(idx)
+
+        return entry
+
     def _copy(self, idx: int) -> list[Tensor]:
         self.transfers += 1
         return [t.data.to(self.device, non_blocking=True, copy=True) for t in self._tensors(self.units[idx])]
 
-    def _make_pre(self, idx: int):
-        def pre(module: nn.Module, args: Any) -> None:
+    def _enter(self, idx: int, step: bool) -> None:
+        self._depth[idx] += 1
+        if self._depth[idx] > 1:
+            return
+        if step:
             self._advance(idx)
-            if idx in self._prefetched:
-                copies, event = self._prefetched.pop(idx)
-                current = torch.cuda.current_stream(self.device)
-                current.wait_event(event)
-                for c in copies:
-                    c.record_stream(current)  # allocated on the prefetch stream, used and freed on this one
-            else:
-                copies = self._copy(idx)
-            hosts = []
-            for t, c in zip(self._tensors(module), copies):
-                hosts.append(t.data)
-                t.data = c
-            module._offload_hosts = hosts  # type: ignore[attr-defined]
+        pending, self._prefetched = self._prefetched, None
+        if pending is not None and pending[0] == idx:
+            _, copies, event = pending
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(event)
+            for c in copies:
+                c.record_stream(current)  # allocated on the prefetch stream, used and freed on this one
+        else:  # nothing (or the wrong unit) prefetched: copy now; a wrong prefetch is dropped
+            copies = self._copy(idx)
+        tensors = self._tensors(self.units[idx])
+        self._hosts[idx] = [t.data for t in tensors]
+        for t, c in zip(tensors, copies):
+            t.data = c
+        if step:
             self._prefetch_next()
 
-        return pre
+    def _exit(self, idx: int) -> None:
+        self._depth[idx] -= 1
+        if self._depth[idx] == 0:
+            for t, host in zip(self._tensors(self.units[idx]), self._hosts[idx]):
+                t.data = host
+            self._hosts[idx] = None
 
     def _advance(self, idx: int) -> None:
-        """Track the position in the call sequence (units repeat inside one forward: Stage B repeats levels).
-
-        The first forward records the sequence; it ends when the first unit is called again.
-        """
+        """Track the position in the per-step call sequence; the first forward records it (it ends when the
+        first recorded unit is called again)."""
         if self._recording:
             if self._order and idx == self._order[0]:
                 self._recording = False
@@ -122,30 +147,23 @@ class BlockOffloader:
         nxt = (self._cursor + 1) % len(self._order)
         self._cursor = nxt if self._order[nxt] == idx else self._order.index(idx) if idx in self._order else 0
 
-    def _make_post(self, idx: int):
-        def post(module: nn.Module, args: Any, output: Any) -> None:
-            for t, host in zip(self._tensors(module), module._offload_hosts):
-                t.data = host
-            del module._offload_hosts
-
-        return post
-
     def _prefetch_next(self) -> None:
         if self._stream is None or self._recording or len(self._order) < 2:
             return
         nxt = self._order[(self._cursor + 1) % len(self._order)]
-        if nxt == self._order[self._cursor] or nxt in self._prefetched:
+        if nxt == self._order[self._cursor] or self._depth[nxt]:
             return
         with torch.cuda.stream(self._stream):  # host memory is pinned and never written: no need to wait
             copies = self._copy(nxt)
             event = torch.cuda.Event()
             event.record(self._stream)
-        self._prefetched[nxt] = (copies, event)
+        self._prefetched = (nxt, copies, event)
 
     def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        """Undo the wrapping (weights stay where they are: on the host for the units)."""
+        for unit in self.units:
+            for name in ENTRY_METHODS:
+                unit.__dict__.pop(name, None)
 
 
 class MemoryManager:

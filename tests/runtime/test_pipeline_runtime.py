@@ -120,9 +120,12 @@ def test_throughput_batches_equal_per_batch_calls(reference):
 
 @pytest.mark.slow
 def test_cli_generate_with_mixed_backends(tmp_path, engine_dir, reference):
-    """The issue's command in a fresh process without TRITON_INTERPRET (the backend switches the interpreter on)."""
+    """The issue's command, in a fresh process without TRITON_INTERPRET (the backend switches the interpreter
+    on), in the default bf16: C's ONNX graph runs in fp32 on a CPU (ORT has no bf16 kernels there), B's kernels
+    in bf16. Against the fp32 eager image it must be as close as the eager bf16 image is (style rule: within
+    ~2x PyTorch's own low-precision error)."""
     out = tmp_path / "out.png"
-    args = ["generate", "a cat", "--random-weights", "--preset", "tiny", "--dtype", "fp32", "--device", "cpu",
+    args = ["generate", "a cat", "--random-weights", "--preset", "tiny", "--device", "cpu",
             "--height", "256", "--width", "256", "--steps-c", "3", "--steps-b", "1", "--seed", "4",
             "--backend", "c=onnxruntime,b=triton,a=eager", "--engine-dir", str(engine_dir), "-o", str(out)]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -132,10 +135,15 @@ def test_cli_generate_with_mixed_backends(tmp_path, engine_dir, reference):
     assert "timings:" in res.stdout and "RANDOM WEIGHTS" in res.stderr
     image = Image.open(out)
     meta = json.loads(image.text["cascade-rt"])
-    assert meta["seed"] == 4 and image.size == (256, 256)
-    ref = reference("a cat", seed=4, height=256, width=256, steps_c=3, steps_b=1).images[0]
-    diff = np.abs(np.asarray(image, dtype=np.int16) - np.asarray(ref, dtype=np.int16)).max()
-    assert diff <= 2, diff  # 8-bit pixels: at most a rounding step or two from eager
+    assert meta["seed"] == 4 and meta["dtype"] == "bf16" and image.size == (256, 256)
+    kw = dict(seed=4, height=256, width=256, steps_c=3, steps_b=1)
+    pixels = lambda im: np.asarray(im, dtype=np.int16)  # noqa: E731
+    fp32 = pixels(reference("a cat", **kw).images[0])
+    eager16 = pixels(build_random_pipeline("tiny", dtype=torch.bfloat16)("a cat", **kw).images[0])
+    mixed = pixels(image)
+    for metric in (lambda d: d.max(), lambda d: d.mean()):
+        err_eager, err_mixed = metric(np.abs(eager16 - fp32)), metric(np.abs(mixed - fp32))
+        assert err_mixed <= 2 * err_eager + 1, (err_mixed, err_eager)
 
 
 @pytest.mark.gpu

@@ -120,7 +120,7 @@ class EngineCache:
         onnx_source = None
         if request.format == "tensorrt":  # the ONNX graph is an engine of its own, cached and validated
             source = request.onnx_source()
-            self.ensure(source, model)
+            self.ensure(source, model, options=options)
             onnx_source = self.engine_path(source)
         scratch = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX + request.name + ".", dir=self.root))
         try:

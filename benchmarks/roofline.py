@@ -27,8 +27,11 @@ from cascade_rt.benchmarks.workloads import Case
 from cascade_rt.models import build_model
 
 
+NO_WRITE_OPS = ("_unsafe_view.default", "detach.default", "alias.default", "lift_fresh.default")
+
+
 class _OutputBytes(TorchDispatchMode):
-    """Sums the bytes of every tensor an op writes (views excluded: they write nothing)."""
+    """Sums the bytes of every tensor an op writes (views and aliases excluded: they write nothing)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -36,7 +39,7 @@ class _OutputBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if not func._schema.is_mutable and "view" not in func.__name__ and func.__name__ not in ("detach.default",):
+        if not func.is_view and func.__name__ not in NO_WRITE_OPS:
             for t in tree_leaves(out):
                 if isinstance(t, torch.Tensor):
                     self.total += t.numel() * t.element_size()
@@ -53,6 +56,7 @@ def count_flops(fn: Callable[[], object]) -> tuple[int, dict[str, int]]:
 
 
 def count_activation_bytes(fn: Callable[[], object]) -> int:
+    """Bytes of every tensor the ops of one call of `fn` write (unfused: each op's output counted once)."""
     mode = _OutputBytes()
     with mode:
         fn()

@@ -81,6 +81,15 @@ def test_flops_on_meta_match_analytic_linear_and_conv():
     assert flops == 2 * 2 * 16 * 12 * 10 * 1 * 3 * 3  # depthwise: one input channel per output channel
 
 
+def test_activation_bytes_on_meta_count_writes_not_views():
+    with torch.device("meta"):
+        lin = nn.Linear(64, 48)
+        x = torch.empty(5, 7, 64)
+    # linear on 3-D input = view, t (weight), addmm, view: only addmm writes (35 x 48 fp32)
+    assert roofline.count_activation_bytes(lambda: lin(x)) == 5 * 7 * 48 * 4
+    assert roofline.count_activation_bytes(lambda: torch.relu(x).permute(2, 0, 1).contiguous()) == 2 * x.numel() * 4
+
+
 def test_flops_on_meta_count_attention():
     q = torch.empty(2, 4, 10, 16, device="meta")
     k = torch.empty(2, 4, 13, 16, device="meta")

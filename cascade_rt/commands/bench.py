@@ -210,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.list:
         return _list(device)
-    argv = sys.argv[2:] if len(sys.argv) > 1 and sys.argv[1] == "bench" else []
+    argv = sys.argv[sys.argv.index("bench") + 1 :] if "bench" in sys.argv[1:] else []  # for the report
     header = environment_header(device, argv)
     combos = build_combos(args, device)
     print(f"cascade-rt bench: workload {wl.name} on {header['environment']['device']}, "

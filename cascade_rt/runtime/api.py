@@ -95,10 +95,11 @@ class RuntimePipeline(StableCascadePipeline):
         return {s: r.backend for s, r in self.runners.items()}
 
     def __call__(self, *args: Any, **kwargs: Any) -> RuntimeOutput:
-        out = super().__call__(*args, **kwargs)
-        return self._report(out)
+        self.memory.peaks.clear()  # this call's peaks
+        return self._report(super().__call__(*args, **kwargs))
 
     def reconstruct(self, *args: Any, **kwargs: Any) -> RuntimeOutput:
+        self.memory.peaks.clear()
         return self._report(super().reconstruct(*args, **kwargs))
 
     def _report(self, out: CascadeOutput) -> RuntimeOutput:

@@ -18,7 +18,7 @@ from cascade_rt.runtime import (
     relative_error,
     require_backend,
 )
-from cascade_rt.runtime.engines import PackedCondKV, engine_step
+from cascade_rt.runtime.engines import engine_step
 
 CPU = BuildContext(device=torch.device("cpu"), dtype=torch.float32)
 ALL = {"eager", "compile", "triton", "onnxruntime", "tensorrt", "aoti"}
@@ -143,28 +143,21 @@ class FakeEngine:
         return {"eps": self.model.denoise(feed["x"], feed["r"], cond_kv=kv, **extra)}
 
 
-def test_engine_step_packs_cond_kv_once_per_run(tiny_b, tiny_a, b_inputs):
+def test_engine_step_feeds_the_spec_inputs(tiny_b, tiny_a, b_inputs):
     engine = FakeEngine(tiny_b)
     step = engine_step("b", engine, torch.float32)
     x, cond, uncond = b_inputs(tiny_b, 1, 16)
     r = torch.tensor([0.7])
-    for _ in range(3):  # the sampler passes the same conditioning every step
-        out = step(x, r, **cond)
-    assert torch.equal(out, tiny_b.denoise(x, r, **cond)) and step.pack.packs == 1
-    assert set(engine.feeds[0]) == {"x", "r", "cond_kv", "x_add"} and engine.feeds[0]["r"].dtype == torch.float32
-    step(x, r, **uncond)  # a new conditioning: packed again
-    assert step.pack.packs == 2
+    assert torch.equal(step(x, r, **cond), tiny_b.denoise(x, r, **cond))
+    feed = engine.feeds[0]
+    assert set(feed) == {"x", "r", "cond_kv", "x_add"} and feed["r"].dtype == torch.float32
+    assert feed["cond_kv"].shape[:3] == (len(tiny_b.attn_blocks()), 2, 1)
+    for k, v in cond["cond_kv"]:  # in-place new values (what a graph's static buffers get) are always seen
+        k.mul_(2)
+    assert torch.equal(step(x, r, **cond), tiny_b.denoise(x, r, **cond))
+    assert not torch.equal(engine.feeds[1]["cond_kv"], feed["cond_kv"])
     with pytest.raises(ConfigError, match="t_conds"):
         step(x, r, **cond, sca=r)
     decode = engine_step("a", FakeEngine(tiny_a), torch.float32)
     latent = torch.randn(1, 4, 8, 8)
     assert torch.equal(decode(latent), tiny_a.decode(latent))
-
-
-def test_packed_cond_kv_tracks_identity_not_addresses():
-    pack = PackedCondKV()
-    k, v = torch.ones(1, 2, 4), torch.zeros(1, 2, 4)
-    first = pack([(k, v)])
-    assert pack([(k, v)]) is first
-    k2 = k.clone()  # equal values, another tensor: must be re-packed (its storage may be reused memory)
-    assert pack([(k2, v)]) is not first and pack.packs == 2

@@ -61,7 +61,6 @@ def test_mixed_backends_match_eager(reference, engine_dir):
     assert err_c <= PIPELINE_TOLERANCE_FP32, err_c
     assert relative_error(out.stage_b_latent, ref.stage_b_latent) <= PIPELINE_TOLERANCE_FP32
     assert relative_error(out.pixels, ref.pixels) <= PIPELINE_TOLERANCE_FP32
-    assert pipe.runners["c"]._step.pack.packs == 1  # [cond; uncond] packed once per sampling run, not per step
     assert any(p.suffix == ".onnx" for p in engine_dir.iterdir())
 
 

@@ -69,7 +69,7 @@ def tiny_a():
     return build_model("stage_a_tiny", seed=4)
 
 
-@pytest.fixture(autouse=True, scope="package")
+@pytest.fixture(autouse=True, scope="module")
 def one_cpu_thread():
     """Tiny models gain nothing from intra-op threads; on a shared 2-core machine they lose a lot."""
     threads = torch.get_num_threads()

@@ -5,6 +5,7 @@ and the runner need tensorrt and a GPU: those tests skip with the reason."""
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -30,15 +31,11 @@ HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 D = Dims(1, 256, 256)
 
 
-@pytest.fixture(scope="module")
-def bf16_stage_b(tmp_path_factory) -> Path:
-    """A real bf16 Stage B graph (ConvTranspose upscalers) and its conditioning graph (Resize)."""
-    root = tmp_path_factory.mktemp("trt")
-    model = random_model("stage_b_tiny", "bf16", seed=0, device="cpu")
-    cache = EngineCache(root)
-    for stage in ("stage_b", "stage_b_cond"):
-        cache.ensure(EngineRequest(stage, "stage_b_tiny", "onnx", "bf16", "w", D), model)
-    return root
+@pytest.fixture
+def bf16_stage_b(bf16_stage_b_dir: Path, tmp_path: Path) -> Path:
+    """A private copy of the bf16 dynamic Stage B graphs (the rewrite writes beside them)."""
+    shutil.copytree(bf16_stage_b_dir, tmp_path / "bf16")
+    return tmp_path / "bf16"
 
 
 def ops_of(path: Path, op: str) -> list[onnx.NodeProto]:

@@ -361,3 +361,13 @@ def test_cli_convert_round_trip(official_dir, tmp_path, capsys):
     assert cli.main(["convert", "--to", "diffusers", str(tmp_path / "bad"), str(tmp_path / "d2")]) == 2
     err = capsys.readouterr().err
     assert "cascade-rt: error:" in err and "truncated" in err and "Traceback" not in err
+
+
+def test_weights_hash_state_dict_with_tensor_over_2_pow_24_elements():
+    # full-size layers exceed 2**24 elements, where an fp32 linspace of sample indices overshoots the last index
+    from cascade_rt.checkpoint_io import weights_hash
+
+    big = torch.zeros(2**24 + 5)
+    h1 = weights_hash({"w": big})
+    big[-1] = 1.0  # the last element is always sampled
+    assert weights_hash({"w": big}) != h1

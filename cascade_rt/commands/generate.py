@@ -113,8 +113,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("prompt")
     p.add_argument("-o", "--output", default="out.png", help="PNG path (with --batch N: out_0.png ...)")
     p.add_argument("--negative", default="", help='negative prompt (default "")')
-    p.add_argument("--height", type=int, default=1024)
-    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--height", type=int, default=None, help="multiple of 128 in [256, 2048] (default 1024; 256 for --preset tiny)")
+    p.add_argument("--width", type=int, default=None, help="multiple of 128 in [256, 2048] (default 1024; 256 for --preset tiny)")
     p.add_argument("--batch", type=int, default=1, help="images for the prompt")
     p.add_argument("--steps-c", type=int, default=20)
     p.add_argument("--steps-b", type=int, default=10)
@@ -128,9 +128,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def resolve_resolution(args: argparse.Namespace) -> None:
+    """Fill in the default resolution (1024², or 256² for the tiny CPU preset) and refuse a bad one before loading."""
+    from cascade_rt.pipeline import check_resolution
+
+    default = 256 if args.random_weights and args.preset == "tiny" else 1024
+    args.height = default if args.height is None else args.height
+    args.width = default if args.width is None else args.width
+    check_resolution(args.height, args.width)
+
+
 def run(args: argparse.Namespace) -> int:
     from PIL import Image
 
+    resolve_resolution(args)
     pipe = load_from_args(args)
     bars = StageBars()
     try:

@@ -99,7 +99,7 @@ class StageB(CascadeUNet):
         and `cond_kv`. Official order: effnet is interpolated then mapped; pixels mapped then interpolated.
         """
         dtype = self.dtype
-        hw = (int(latent_hw[0]) // self.patch_size, int(latent_hw[1]) // self.patch_size)
+        hw = (latent_hw[0] // self.patch_size, latent_hw[1] // self.patch_size)  # no int(): stays symbolic in export
         if pixels is None:
             pixels = torch.zeros(effnet.size(0), self.c_pixels, 8, 8, device=effnet.device, dtype=dtype)
         x_add = self.effnet_mapper(interpolate_fp32(effnet, hw, dtype))

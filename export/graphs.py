@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from cascade_rt.errors import ConfigError
-from cascade_rt.models.common import interpolate_fp32
 from cascade_rt.export.specs import attn_widths
 
 CondKV = Sequence[tuple[torch.Tensor, torch.Tensor]]
@@ -79,10 +78,8 @@ class StageBDenoiserGraph(nn.Module):
 class StageBConditioningGraph(nn.Module):
     """(effnet, clip, x) -> (x_add, cond_kv); `x` (the Stage B latent) only sizes x_add. pixels = zeros (official).
 
-    Same math as `StageB.prepare_conditioning(effnet, clip, None, latent_hw=x.shape[-2:])`, written with the
-    latent size kept symbolic: `prepare_conditioning` takes `int(...)` of it, which torch.export turns into the
-    example's constant, so a dynamic graph would size x_add for the example resolution only. The split test
-    (tests/export) checks this graph against the model's own forward.
+    Calls `StageB.prepare_conditioning(effnet, clip, None, latent_hw=x.shape[-2:])`, whose latent size stays
+    symbolic under torch.export, so a dynamic graph sizes x_add for every resolution of its profile.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -90,12 +87,8 @@ class StageBConditioningGraph(nn.Module):
         self.model = model
 
     def forward(self, effnet: torch.Tensor, clip: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        m, dtype = self.model, self.model.dtype
-        hw = (x.shape[-2] // m.patch_size, x.shape[-1] // m.patch_size)
-        pixels = torch.zeros(effnet.size(0), m.c_pixels, 8, 8, device=effnet.device, dtype=dtype)
-        x_add = m.effnet_mapper(interpolate_fp32(effnet, hw, dtype))
-        x_add = x_add + interpolate_fp32(m.pixels_mapper(pixels), hw, dtype)
-        return x_add, pack_cond_kv(m.precompute_cond_kv(m.gen_c_embeddings(clip)))
+        cond = self.model.prepare_conditioning(effnet, clip, None, latent_hw=x.shape[-2:])
+        return cond["x_add"], pack_cond_kv(cond["cond_kv"])
 
 
 class StageADecoderGraph(nn.Module):

@@ -270,24 +270,29 @@ def _load_strict(tower: nn.Module, state: dict[str, Tensor], source: Path) -> No
 # --- encoders ------------------------------------------------------------------------------------------------
 
 
-class TextEncoder(nn.Module):
+class _ClipTower(nn.Module):
+    """Shared by the text and image encoders: `random()` builds one with seeded random weights (tiny by default)."""
+
+    config_cls: Any
+
+    @classmethod
+    def random(cls, config: Any = None, dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = cls(config or cls.config_cls.tiny())
+        return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+class TextEncoder(_ClipTower):
     """CLIP text tower -> (clip_text (B,77,D) pre-final-LN, clip_text_pooled (B,1,P))."""
+
+    config_cls = ClipTextConfig
 
     def __init__(self, config: ClipTextConfig):
         super().__init__()
         self.config = config
         self.tower = _build_text_tower(config)
         self.tokenizer = ClipTokenizer(config.context_length)
-
-    @classmethod
-    def random(
-        cls, config: ClipTextConfig | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu",
-        seed: int = 0,
-    ) -> TextEncoder:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = cls(config or ClipTextConfig.tiny())
-        return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
     @classmethod
     def from_pretrained(
@@ -343,23 +348,15 @@ class TextEncoder(nn.Module):
         return self(ids.to(device), mask.to(device))
 
 
-class ImageEncoder(nn.Module):
+class ImageEncoder(_ClipTower):
     """CLIP ViT-L/14 image tower -> clip_img (B,1,P): projected image embedding, not normalised."""
+
+    config_cls = ClipVisionConfig
 
     def __init__(self, config: ClipVisionConfig):
         super().__init__()
         self.config = config
         self.tower = _build_vision_tower(config)
-
-    @classmethod
-    def random(
-        cls, config: ClipVisionConfig | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu",
-        seed: int = 0,
-    ) -> ImageEncoder:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = cls(config or ClipVisionConfig.tiny())
-        return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
     @classmethod
     def from_pretrained(

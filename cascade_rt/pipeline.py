@@ -304,18 +304,23 @@ class StableCascadePipeline:
             previews = to_pil(self.previewer(latent_c).float().clamp(0, 1))
             timings["previewer"] = time.perf_counter() - t0
 
-        t0 = time.perf_counter()
         x_b = self._initial(latents_b, shapes["b"], gen, "latents_b")
-        latent_b = self._run_stage_b(latent_c, pooled, u_pooled, x_b, steps=steps_b, cfg=cfg_b, shift=shift_b,
+        pixels, latent_b = self._stage_b_then_a(latent_c, pooled, u_pooled, x_b, steps_b, cfg_b, shift_b, gen,
+                                                progress, timings)  # fmt: skip
+        return CascadeOutput(to_pil(pixels), pixels, latent_c, latent_b, seed, previews, timings)
+
+    def _stage_b_then_a(self, effnet, pooled, u_pooled, x_b, steps, cfg, shift, gen, progress, timings):
+        """Stage B sampling then Stage A decode, each timed into `timings` (shared by generation and reconstruction)."""
+        t0 = time.perf_counter()
+        latent_b = self._run_stage_b(effnet, pooled, u_pooled, x_b, steps=steps, cfg=cfg, shift=shift,
                                      gen=gen, progress=progress)  # fmt: skip
         self._sync()
         timings["stage_b"] = time.perf_counter() - t0
-
         t0 = time.perf_counter()
         pixels = self._decode(latent_b)
         self._sync()
         timings["stage_a"] = time.perf_counter() - t0
-        return CascadeOutput(to_pil(pixels), pixels, latent_c, latent_b, seed, previews, timings)
+        return pixels, latent_b
 
     @torch.inference_mode()
     def reconstruct(
@@ -345,15 +350,9 @@ class StableCascadePipeline:
         if cfg_b is not None:
             u_pooled = self._encode_text([""] * pixels_in.shape[0])[1]
         timings["effnet"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
         x_b = self._initial(None, latent_shapes(pixels_in.shape[0], int(height), int(width))["b"], gen, "latents_b")
-        latent_b = self._run_stage_b(effnet_latent, pooled, u_pooled, x_b, steps=steps_b, cfg=cfg_b, shift=shift_b,
-                                     gen=gen, progress=progress)  # fmt: skip
-        self._sync()
-        timings["stage_b"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        pixels = self._decode(latent_b)
-        timings["stage_a"] = time.perf_counter() - t0
+        pixels, latent_b = self._stage_b_then_a(effnet_latent, pooled, u_pooled, x_b, steps_b, cfg_b, shift_b, gen,
+                                                progress, timings)  # fmt: skip
         return CascadeOutput(to_pil(pixels), pixels, None, latent_b, seed, None, timings)
 
     def _effnet_latent(

@@ -350,7 +350,9 @@ class GraphedSampler:
                 self.pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             static.rewind()
-            with torch.cuda.graph(graph, pool=self.pool, stream=side):
+            # The outer stream context puts the caller's stream back even when capture fails: torch.cuda.graph's
+            # __exit__ raises from capture_end (an invalidated capture) before it restores the stream it set.
+            with torch.cuda.stream(side), torch.cuda.graph(graph, pool=self.pool, stream=side):
                 static.run(calls)
         except Exception as exc:  # a backend that is not capturable: keep working, eagerly, and say so once
             self._failed.add(key)

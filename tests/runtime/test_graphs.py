@@ -252,9 +252,11 @@ def test_gpu_uncapturable_step_falls_back_once(c_inputs, caplog):
         return model.denoise(x, r, **kw)
 
     sampler = GraphedSampler("c")
+    stream = torch.cuda.current_stream()
     with caplog.at_level(logging.WARNING):
         outs = [sampler.sample_stage(host_reading, x, cond, uncond, generator=torch.Generator().manual_seed(7),
                                      **SETTINGS) for _ in range(2)]  # fmt: skip
+    assert torch.cuda.current_stream() == stream  # the failed capture left the caller's stream current
     ref = _eager(model, x, cond, uncond)
     assert all(torch.allclose(o, ref, atol=1e-5) for o in outs)
     assert len([w for w in _warnings(caplog) if "capture failed" in w.getMessage()]) == 1

@@ -161,6 +161,7 @@ def _time_step(step, runs: int, graphs: bool) -> float:
     from cascade_rt.kernels.backend import warmup
 
     side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())  # the inputs and weights were made on the current stream
     with torch.cuda.stream(side):
         warmup(step, runs=3)  # autotuning, weight caches, cuBLAS handles: all before any capture
     torch.cuda.current_stream().wait_stream(side)

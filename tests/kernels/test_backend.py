@@ -4,6 +4,8 @@ fp32: the backend must match eager to the runtime's documented ``TritonBackend.t
 bf16: both eager-bf16 and triton-bf16 are compared with eager-fp32 run on the same bf16-rounded weights and
 inputs (the truth up to fp32 rounding); the backend's error must be within 2x of eager's own bf16 error plus
 a small floor: the kernels keep more in fp32 than eager does, so they should not round worse.
+On a GPU (no TRITON_INTERPRET) the same tests run on CUDA, with cuDNN's TF32 convolutions off so that eager fp32
+is fp32.
 """
 import copy
 
@@ -16,7 +18,11 @@ from cascade_rt.models import build_model
 from cascade_rt.models.presets import TINY_CLIP_DIMS
 
 
-def _inputs(stage, g):
+def _inputs(stage, g, device):
+    return {k: v.to(device) for k, v in _cpu_inputs(stage, g).items()}
+
+
+def _cpu_inputs(stage, g):
     if stage == "c":
         return dict(x=torch.randn(2, 16, 4, 5, generator=g), r=torch.tensor([0.3, 0.9]),
                     clip_text=torch.randn(2, 77, TINY_CLIP_DIMS["text_hidden"], generator=g),
@@ -43,10 +49,16 @@ def _rel(y, ref):
 PRESET = {"c": "stage_c_tiny", "b": "stage_b_tiny", "a": "stage_a_tiny"}
 
 
+@pytest.fixture(autouse=True)
+def _no_tf32_convs():
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        yield
+
+
 @pytest.mark.parametrize("stage", ["c", "b", "a"])
-def test_fp32_matches_eager(stage):
-    eager = build_model(PRESET[stage], seed=0)
-    inputs = _inputs(stage, torch.Generator().manual_seed(1))
+def test_fp32_matches_eager(stage, device):
+    eager = build_model(PRESET[stage], seed=0).to(device)
+    inputs = _inputs(stage, torch.Generator().manual_seed(1), device)
     ref = _run(eager, stage, inputs)
     model = apply_triton_kernels(copy.deepcopy(eager))
     out = _run(model, stage, inputs)
@@ -55,9 +67,9 @@ def test_fp32_matches_eager(stage):
 
 
 @pytest.mark.parametrize("stage", ["c", "b", "a"])
-def test_bf16_error_within_2x_of_eager_bf16(stage):
-    ref32 = build_model(PRESET[stage], seed=0).to(torch.bfloat16).float()  # weights representable in bf16
-    inputs = {k: v.bfloat16().float() for k, v in _inputs(stage, torch.Generator().manual_seed(2)).items()}
+def test_bf16_error_within_2x_of_eager_bf16(stage, device):
+    ref32 = build_model(PRESET[stage], seed=0).to(device, torch.bfloat16).float()  # weights representable in bf16
+    inputs = {k: v.bfloat16().float() for k, v in _inputs(stage, torch.Generator().manual_seed(2), device).items()}
     truth = _run(ref32, stage, inputs)
     eager16 = copy.deepcopy(ref32).to(torch.bfloat16)
     inputs16 = {k: v.bfloat16() if k != "r" else v for k, v in inputs.items()}

@@ -178,9 +178,17 @@ class StableCascadePipeline:
         )  # fmt: skip
 
     # ------------------------------------------------------------------------------------------ helpers
-    def _sync(self) -> None:
+    def synchronize(self) -> None:
+        """Wait for the work queued on this thread's current CUDA stream (no-op on a CPU). Only the current stream:
+        the throughput runner times Stage B/A on one stream while Stage C of the next batch runs on another."""
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            torch.cuda.current_stream(self.device).synchronize()
+
+    def encode_prompts(self, prompts: list[str], negatives: list[str]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(text, pooled, uncond text, uncond pooled) on the pipeline's device; repeated prompts encode once."""
+        text, pooled = self._encode_text(prompts)
+        u_text, u_pooled = self._encode_text(negatives)
+        return text, pooled, u_text, u_pooled
 
     def _encode_text(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         unique = list(dict.fromkeys(prompts))
@@ -188,7 +196,10 @@ class StableCascadePipeline:
         index = torch.tensor([unique.index(p) for p in prompts], device=text.device)
         return text[index].to(self.device), pooled[index].to(self.device)
 
-    def _initial(self, latent: Tensor | None, shape: tuple[int, ...], gen: torch.Generator, what: str) -> Tensor:
+    def initial_latent(self, latent: Tensor | None, shape: tuple[int, ...], gen: torch.Generator,
+                       what: str = "latents") -> Tensor:
+        """Seeded fp32 noise of `shape` drawn from `gen` (on the CPU, so a seed gives the same image on every
+        device), or the caller's `latent`, checked against `shape`."""
         if latent is None:
             return torch.randn(shape, generator=gen, dtype=torch.float32).to(self.device)
         if tuple(latent.shape) != tuple(shape):
@@ -262,15 +273,14 @@ class StableCascadePipeline:
         timings: dict[str, float] = {}
 
         t0 = time.perf_counter()
-        text, pooled = self._encode_text(prompts)
-        u_text, u_pooled = self._encode_text(negatives)
+        text, pooled, u_text, u_pooled = self.encode_prompts(prompts, negatives)
         clip_img = torch.zeros(batch, 1, self.c_clip_img, device=self.device)
         u_clip_img = clip_img
         if clip_image is not None:
             if self.image_encoder is None:
                 raise ConfigError("image variation needs an image encoder (CLIP ViT-L/14); this pipeline has none")
             clip_img = self._expand(self.image_encoder.encode(from_pil(clip_image).to(self.device)), batch)
-        self._sync()
+        self.synchronize()
         timings["text"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -284,16 +294,10 @@ class StableCascadePipeline:
                 raise ConfigError(f"steps_c * strength = {steps_c} * {strength} gives no Stage C step; raise either")
             x_c = diffuse(effnet_latent, t_start, torch.randn(effnet_latent.shape, generator=gen).to(self.device))
         else:
-            x_c = self._initial(latents_c, shapes["c"], gen, "latents_c")
-        cond_c = self.stage_c.prepare_conditioning(text, pooled, clip_img)
-        uncond_c = self.stage_c.prepare_conditioning(u_text, u_pooled, u_clip_img) if cfg_c is not None else None
-        latent_c = self.samplers["c"](
-            lambda x, r, **kw: self.stage_c.denoise(x, r, **kw), x_c, cond_c, uncond_c, steps=steps, cfg=cfg_c,
-            shift=shift_c, t_start=t_start, generator=gen, callback=self._sampler_callback("c", steps, progress),
-            mode=self.mode,
-        )  # fmt: skip
-        check_finite(latent_c, "c")
-        self._sync()
+            x_c = self.initial_latent(latents_c, shapes["c"], gen, "latents_c")
+        latent_c = self.sample_stage_c(x_c, text, pooled, u_text, u_pooled, clip_img, u_clip_img, steps=steps,
+                                       cfg=cfg_c, shift=shift_c, t_start=t_start, gen=gen, progress=progress)
+        self.synchronize()
         timings["stage_c"] = time.perf_counter() - t0
 
         previews = None
@@ -304,21 +308,44 @@ class StableCascadePipeline:
             previews = to_pil(self.previewer(latent_c).float().clamp(0, 1))
             timings["previewer"] = time.perf_counter() - t0
 
-        x_b = self._initial(latents_b, shapes["b"], gen, "latents_b")
-        pixels, latent_b = self._stage_b_then_a(latent_c, pooled, u_pooled, x_b, steps_b, cfg_b, shift_b, gen,
-                                                progress, timings)  # fmt: skip
+        x_b = self.initial_latent(latents_b, shapes["b"], gen, "latents_b")
+        pixels, latent_b = self.stage_b_then_a(latent_c, pooled, u_pooled, x_b, steps=steps_b, cfg=cfg_b,
+                                               shift=shift_b, gen=gen, progress=progress, timings=timings)
         return CascadeOutput(to_pil(pixels), pixels, latent_c, latent_b, seed, previews, timings)
 
-    def _stage_b_then_a(self, effnet, pooled, u_pooled, x_b, steps, cfg, shift, gen, progress, timings):
-        """Stage B sampling then Stage A decode, each timed into `timings` (shared by generation and reconstruction)."""
+    def sample_stage_c(
+        self, x_c: Tensor, text: Tensor, pooled: Tensor, u_text: Tensor, u_pooled: Tensor, clip_img: Tensor,
+        u_clip_img: Tensor, *, steps: int, cfg: float | None, shift: float, gen: torch.Generator,
+        t_start: float = 1.0, progress: Progress | None = None,
+    ) -> Tensor:  # fmt: skip
+        """Stage C: conditioning once (uncond only with CFG), then the GDF loop from `x_c` at `t_start`."""
+        cond = self.stage_c.prepare_conditioning(text, pooled, clip_img)
+        uncond = self.stage_c.prepare_conditioning(u_text, u_pooled, u_clip_img) if cfg is not None else None
+        latent_c = self.samplers["c"](
+            lambda x, r, **kw: self.stage_c.denoise(x, r, **kw), x_c, cond, uncond, steps=steps, cfg=cfg,
+            shift=shift, t_start=t_start, generator=gen, callback=self._sampler_callback("c", steps, progress),
+            mode=self.mode,
+        )  # fmt: skip
+        check_finite(latent_c, "c")
+        return latent_c
+
+    def stage_b_then_a(
+        self, effnet: Tensor, pooled: Tensor, u_pooled: Tensor | None, x_b: Tensor, *, steps: int,
+        cfg: float | None, shift: float, gen: torch.Generator, progress: Progress | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> tuple[Tensor, Tensor]:  # fmt: skip
+        """Stage B sampling from `x_b` conditioned on `effnet` (Stage C's latent, or EffNet's for reconstruction),
+        then the Stage A decode: (pixels in [0, 1], Stage B latent). Each is timed into `timings` when given
+        (synchronising the current stream). Shared by generation, reconstruction and the throughput runner."""
+        timings = {} if timings is None else timings
         t0 = time.perf_counter()
         latent_b = self._run_stage_b(effnet, pooled, u_pooled, x_b, steps=steps, cfg=cfg, shift=shift,
                                      gen=gen, progress=progress)  # fmt: skip
-        self._sync()
+        self.synchronize()
         timings["stage_b"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         pixels = self._decode(latent_b)
-        self._sync()
+        self.synchronize()
         timings["stage_a"] = time.perf_counter() - t0
         return pixels, latent_b
 
@@ -350,9 +377,9 @@ class StableCascadePipeline:
         if cfg_b is not None:
             u_pooled = self._encode_text([""] * pixels_in.shape[0])[1]
         timings["effnet"] = time.perf_counter() - t0
-        x_b = self._initial(None, latent_shapes(pixels_in.shape[0], int(height), int(width))["b"], gen, "latents_b")
-        pixels, latent_b = self._stage_b_then_a(effnet_latent, pooled, u_pooled, x_b, steps_b, cfg_b, shift_b, gen,
-                                                progress, timings)  # fmt: skip
+        x_b = self.initial_latent(None, latent_shapes(pixels_in.shape[0], int(height), int(width))["b"], gen, "latents_b")
+        pixels, latent_b = self.stage_b_then_a(effnet_latent, pooled, u_pooled, x_b, steps=steps_b, cfg=cfg_b,
+                                               shift=shift_b, gen=gen, progress=progress, timings=timings)
         return CascadeOutput(to_pil(pixels), pixels, None, latent_b, seed, None, timings)
 
     def _effnet_latent(

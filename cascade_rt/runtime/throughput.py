@@ -29,8 +29,7 @@ import torch
 from torch import Tensor
 
 from cascade_rt.errors import ConfigError
-from cascade_rt.pipeline import CascadeOutput, StableCascadePipeline, check_finite, check_resolution, latent_shapes, to_pil
-from cascade_rt.sampling import sample_stage
+from cascade_rt.pipeline import CascadeOutput, StableCascadePipeline, check_resolution, latent_shapes, to_pil
 
 logger = logging.getLogger(__name__)
 
@@ -66,15 +65,6 @@ class Prior:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def _sampler(pipe: StableCascadePipeline, stage: str):
-    return getattr(pipe, "samplers", {}).get(stage, sample_stage)
-
-
-def _sync(pipe: StableCascadePipeline) -> None:
-    if pipe.device.type == "cuda":
-        torch.cuda.current_stream(pipe.device).synchronize()  # this thread's stream only
-
-
 @torch.inference_mode()
 def prior(pipe: StableCascadePipeline, prompts: list[str], negatives: list[str], seed: int, s: Settings) -> Prior:
     """Text encoder + Stage C, exactly as the pipeline's text-to-image path (same generator order)."""
@@ -82,20 +72,14 @@ def prior(pipe: StableCascadePipeline, prompts: list[str], negatives: list[str],
     gen = torch.Generator("cpu").manual_seed(seed)
     shapes = latent_shapes(batch, s.height, s.width)
     t0 = time.perf_counter()
-    text, pooled = pipe._encode_text(prompts)
-    u_text, u_pooled = pipe._encode_text(negatives)
+    text, pooled, u_text, u_pooled = pipe.encode_prompts(prompts, negatives)
     clip_img = torch.zeros(batch, 1, pipe.c_clip_img, device=pipe.device)
-    _sync(pipe)
+    pipe.synchronize()
     t1 = time.perf_counter()
-    x_c = pipe._initial(None, shapes["c"], gen, "latents_c")
-    cond = pipe.stage_c.prepare_conditioning(text, pooled, clip_img)
-    uncond = pipe.stage_c.prepare_conditioning(u_text, u_pooled, clip_img) if s.cfg_c is not None else None
-    latent_c = _sampler(pipe, "c")(
-        lambda x, r, **kw: pipe.stage_c.denoise(x, r, **kw), x_c, cond, uncond, steps=s.steps_c, cfg=s.cfg_c,
-        shift=s.shift_c, t_start=1.0, generator=gen, callback=None, mode=pipe.mode,
-    )  # fmt: skip
-    check_finite(latent_c, "c")
-    _sync(pipe)
+    x_c = pipe.initial_latent(None, shapes["c"], gen, "latents_c")
+    latent_c = pipe.sample_stage_c(x_c, text, pooled, u_text, u_pooled, clip_img, clip_img, steps=s.steps_c,
+                                   cfg=s.cfg_c, shift=s.shift_c, gen=gen)  # fmt: skip
+    pipe.synchronize()
     timings = {"text": t1 - t0, "stage_c": time.perf_counter() - t1}
     return Prior(prompts, seed, gen, latent_c, pooled, u_pooled, timings)
 
@@ -104,15 +88,10 @@ def prior(pipe: StableCascadePipeline, prompts: list[str], negatives: list[str],
 def decoder(pipe: StableCascadePipeline, p: Prior, s: Settings) -> CascadeOutput:
     """Stage B + Stage A for a prior's output, continuing its generator (as the pipeline does)."""
     shapes = latent_shapes(len(p.prompts), s.height, s.width)
-    t0 = time.perf_counter()
-    x_b = pipe._initial(None, shapes["b"], p.gen, "latents_b")
-    latent_b = pipe._run_stage_b(p.latent_c, p.pooled, p.u_pooled, x_b, steps=s.steps_b, cfg=s.cfg_b,
-                                 shift=s.shift_b, gen=p.gen, progress=None)  # fmt: skip
-    _sync(pipe)
-    t1 = time.perf_counter()
-    pixels = pipe._decode(latent_b)
-    _sync(pipe)
-    timings = {**p.timings, "stage_b": t1 - t0, "stage_a": time.perf_counter() - t1}
+    timings = dict(p.timings)
+    x_b = pipe.initial_latent(None, shapes["b"], p.gen, "latents_b")
+    pixels, latent_b = pipe.stage_b_then_a(p.latent_c, p.pooled, p.u_pooled, x_b, steps=s.steps_b, cfg=s.cfg_b,
+                                           shift=s.shift_b, gen=p.gen, timings=timings)  # fmt: skip
     return CascadeOutput(to_pil(pixels), pixels, p.latent_c, latent_b, p.seed, None, timings)
 
 

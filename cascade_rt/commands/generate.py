@@ -109,7 +109,7 @@ def save_images(images: list, output: str, meta: dict[str, Any], random_weights:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("generate", help="text-to-image (eager reference pipeline)")
+    p = subparsers.add_parser("generate", help="text-to-image (eager by default; --backend per stage, CUDA graphs, memory modes)")
     p.add_argument("prompt")
     p.add_argument("-o", "--output", default="out.png", help="PNG path (with --batch N: out_0.png ...)")
     p.add_argument("--negative", default="", help='negative prompt (default "")')

@@ -61,10 +61,14 @@ def _attend(acc, m_i, l_i, q, k_base, v_base, s_kn, s_vn, start, end, qk_scale, 
     return acc, m_i, l_i
 
 
+def _gpu_configs():
+    """The full GPU autotune list (before ``_keep`` prunes it per shape), also under the interpreter."""
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=nw, num_stages=ns)
+            for bm in (64, 128) for bn in (32, 64, 128) for nw in (4, 8) for ns in (2, 3, 4)]
+
+
 def _configs():
-    gpu = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=nw, num_stages=ns)
-           for bm in (64, 128) for bn in (32, 64, 128) for nw in (4, 8) for ns in (2, 3, 4)]
-    return pick_configs(gpu, triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1))
+    return pick_configs(_gpu_configs(), triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1))
 
 
 def _keep(cfg, args) -> bool:

@@ -31,9 +31,13 @@ def dwconv_layernorm_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     return F.layer_norm(y.float(), (c,), eps=eps).to(x.dtype)
 
 
+def _gpu_configs():
+    """The full GPU autotune list (before ``_keep`` prunes it per shape), also under the interpreter."""
+    return [triton.Config({"BLOCK_P": bp}, num_warps=nw) for bp in (1, 2, 4, 8, 16, 32) for nw in (4, 8, 16)]
+
+
 def _configs():
-    gpu = [triton.Config({"BLOCK_P": bp}, num_warps=nw) for bp in (1, 2, 4, 8, 16, 32) for nw in (4, 8, 16)]
-    return pick_configs(gpu, triton.Config({"BLOCK_P": 64}, num_warps=4))
+    return pick_configs(_gpu_configs(), triton.Config({"BLOCK_P": 64}, num_warps=4))
 
 
 def _keep(cfg, args) -> bool:

@@ -40,10 +40,14 @@ def _gelu(x):
     return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
 
 
+def _gpu_tile_configs():
+    """The full GPU autotune list (before ``_keep_tile`` prunes it per shape), also under the interpreter."""
+    return [triton.Config({"BLOCK_P": bp, "BLOCK_C": bc}, num_warps=nw)
+            for bp in (8, 16, 32, 64) for bc in (64, 128, 256) for nw in (4, 8)]
+
+
 def _tile_configs(interp_p, interp_c):
-    gpu = [triton.Config({"BLOCK_P": bp, "BLOCK_C": bc}, num_warps=nw)
-           for bp in (8, 16, 32, 64) for bc in (64, 128, 256) for nw in (4, 8)]
-    return pick_configs(gpu, triton.Config({"BLOCK_P": interp_p, "BLOCK_C": interp_c}, num_warps=4))
+    return pick_configs(_gpu_tile_configs(), triton.Config({"BLOCK_P": interp_p, "BLOCK_C": interp_c}, num_warps=4))
 
 
 def _keep_tile(cfg, args) -> bool:

@@ -33,9 +33,13 @@ def modulation_ref(x, a, b, residual=None, return_norm: bool = False, eps: float
     return z, torch.nn.functional.layer_norm(z.float(), (z.shape[-1],), eps=eps).to(z.dtype)
 
 
+def _gpu_configs():
+    """The full GPU autotune list (before ``_keep`` prunes it per shape), also under the interpreter."""
+    return [triton.Config({"BLOCK_P": bp}, num_warps=nw) for bp in (1, 2, 4, 8, 16, 32, 64) for nw in (2, 4, 8, 16)]
+
+
 def _configs():
-    gpu = [triton.Config({"BLOCK_P": bp}, num_warps=nw) for bp in (1, 2, 4, 8, 16, 32, 64) for nw in (2, 4, 8, 16)]
-    return pick_configs(gpu, triton.Config({"BLOCK_P": 32}, num_warps=4))
+    return pick_configs(_gpu_configs(), triton.Config({"BLOCK_P": 32}, num_warps=4))
 
 
 def _keep(cfg, args) -> bool:

@@ -34,9 +34,13 @@ def dwconv_replicate_residual_ref(h, x, weight, bias, gammas, index: int = 2):
     return x + y.permute(0, 2, 3, 1) * gammas[index]
 
 
+def _ln_gpu_configs():
+    """The full GPU autotune list (before ``_ln_keep`` prunes it per shape), also under the interpreter."""
+    return [triton.Config({"BLOCK_P": bp}, num_warps=nw) for bp in (1, 2, 4, 8, 16, 32) for nw in (2, 4, 8)]
+
+
 def _ln_configs():
-    gpu = [triton.Config({"BLOCK_P": bp}, num_warps=nw) for bp in (1, 2, 4, 8, 16, 32) for nw in (2, 4, 8)]
-    return pick_configs(gpu, triton.Config({"BLOCK_P": 32}, num_warps=4))
+    return pick_configs(_ln_gpu_configs(), triton.Config({"BLOCK_P": 32}, num_warps=4))
 
 
 def _ln_keep(cfg, args) -> bool:
@@ -84,10 +88,14 @@ def layernorm_modulate(x: torch.Tensor, gammas: torch.Tensor | None = None, inde
     return out
 
 
+def _conv_gpu_configs():
+    """The full GPU autotune list (before ``_conv_keep`` prunes it per shape), also under the interpreter."""
+    return [triton.Config({"BLOCK_W": bw, "BLOCK_C": bc}, num_warps=nw)
+            for bw in (4, 8, 16, 32) for bc in (32, 64, 128) for nw in (2, 4, 8)]
+
+
 def _conv_configs():
-    gpu = [triton.Config({"BLOCK_W": bw, "BLOCK_C": bc}, num_warps=nw)
-           for bw in (4, 8, 16, 32) for bc in (32, 64, 128) for nw in (2, 4, 8)]
-    return pick_configs(gpu, triton.Config({"BLOCK_W": 16, "BLOCK_C": 64}, num_warps=4))
+    return pick_configs(_conv_gpu_configs(), triton.Config({"BLOCK_W": 16, "BLOCK_C": 64}, num_warps=4))
 
 
 def _conv_keep(cfg, args) -> bool:

@@ -161,7 +161,12 @@ def load_weights_into(model: nn.Module, source: TensorSource, *, dtype: torch.dt
     tensors = {}
     for k, ref in expected.items():
         t = source.get(k)
-        tensors[k] = t.to(device=device, dtype=dtype if ref.is_floating_point() else ref.dtype)
+        # An owned allocation, never a view of the file: safetensors hands out tensors that point into the
+        # memory-mapped file at any byte offset, and CPU kernels take other (differently rounded) paths on
+        # unaligned data, so a loaded model would not compute what the same weights in memory compute. The copy
+        # also frees the model from the file (it can be replaced or deleted while the model lives).
+        owned = torch.empty(t.shape, dtype=dtype if ref.is_floating_point() else ref.dtype, device=device)
+        tensors[k] = owned.copy_(t)
         del t
     model.load_state_dict(tensors, strict=True, assign=True)
     left = [n for n, t in chain(model.named_parameters(), model.named_buffers()) if t.is_meta]

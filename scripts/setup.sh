@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Create or reuse ./.venv and install cascade-rt with everything its tests and main job need.
-# Idempotent: a stamp records the pyproject hash, so a second run costs a second.
+# Create or reuse ./.venv and install cascade-rt with everything its tests, server and benchmarks need, at the
+# versions in constraints.txt (the ones the test suite last passed with; upgrading is a deliberate commit that
+# edits that file). Idempotent: a stamp records the hash of the inputs, so a second run costs a second.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -8,12 +9,13 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=.venv/.cascade-rt-installed
-want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
-  # torch first, pinned: this version lies on the build machines' disk (CUDA build, runs on CPU too).
-  .venv/bin/python -m pip install -q "torch==${CASCADE_RT_TORCH:-2.14.1}" "torchvision==${CASCADE_RT_TORCHVISION:-0.29.1}" 2>&1 | grep -v '^WARNING: Location' || true
-  .venv/bin/python -m pip install -q -e ".[dev]" 2>&1 | grep -v '^WARNING: Location' || true
-  .venv/bin/python -c "import torch, onnx, onnxruntime, cascade_rt" 
+  pip() { .venv/bin/python -m pip "$@" 2>&1 | { grep -v '^WARNING: Location' || true; }; }
+  pip install -q "pip==26.3"
+  # torch first: its CUDA build also runs on a CPU, and pulling it alone keeps the resolver's work small
+  pip install -q -c constraints.txt torch torchvision
+  pip install -q -c constraints.txt -e ".[dev,serve]"
+  .venv/bin/python -c "import torch, onnx, onnxruntime, fastapi, ray, cascade_rt"
   echo "$want" > "$stamp"
 fi

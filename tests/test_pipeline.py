@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import io
 import json
 
 import pytest
 import torch
 from PIL import Image
 
+from cascade_rt.commands.generate import StageBars
 from cascade_rt.errors import ConfigError, NumericsError
 from cascade_rt.pipeline import StableCascadePipeline, build_random_pipeline, check_resolution, latent_shapes
 from cascade_rt.sampling import diffuse
@@ -221,3 +223,16 @@ def test_cli_generate_writes_png_with_metadata(tmp_path, capsys):
     assert "Stage C cannot run in float16" in capsys.readouterr().err
     assert main(["generate", "x", "-o", str(out)]) == 2
     assert "--weights DIR" in capsys.readouterr().err
+
+
+def test_stage_bar_closes_at_its_last_step():
+    """A stage's progress bar ends with that stage: its elapsed time must not include the next stage's first step."""
+    bars, err = StageBars(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("sys.stderr", err)
+        for step in (1, 2):
+            bars("c", step, 2)
+        assert bars.bar is None  # closed at step 2 of 2, before Stage B starts
+        bars("b", 1, 1)
+        assert bars.bar is None
+    assert "Stage C" in err.getvalue() and "Stage B" in err.getvalue()

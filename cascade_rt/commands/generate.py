@@ -79,6 +79,8 @@ class StageBars:
             self.close()
             self.bar, self.stage = tqdm(total=total, desc=f"Stage {stage.upper()}", file=sys.stderr, leave=True), stage
         self.bar.update(step - self.bar.n)
+        if step >= total:  # close at the stage's last step: its elapsed time is that stage's alone
+            self.close()
 
     def close(self) -> None:
         if self.bar is not None:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from cascade_rt.export.specs import stage_b_latent_hw, stage_c_latent_hw
+from cascade_rt.stages import stage_b_latent_hw, stage_c_latent_hw
 from cascade_rt.models.presets import get_preset
 
 log = logging.getLogger("cascade_rt.bench_kernels")

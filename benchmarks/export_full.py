@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out = args.out or str(Path(__file__).parent / "results" / f"export_full{suffix}.json")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from cascade_rt.export.build import FAMILY, EngineRequest
+    from cascade_rt.export.build import EngineRequest
+    from cascade_rt.export.specs import GRAPH_COMPONENT
     from cascade_rt.export.cache import EngineCache
     from cascade_rt.export.manifest import Manifest, cpu_name, library_versions
     from cascade_rt.export.sources import random_source
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.engine_dir or tmp.name)
     cache = EngineCache(root)
     result: dict = {
-        "what": f"{args.preset} ({FAMILY[stages[1]]}) random weights -> ONNX {args.precision}, static shapes",
+        "what": f"{args.preset} ({GRAPH_COMPONENT[stages[1]]}) random weights -> ONNX {args.precision}, static shapes",
         "dims": {"batch": 1, "height": args.height, "width": args.width, "cfg": True},
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
                     "load_average_at_start": os.getloadavg()},  # shared machine: times are upper bounds

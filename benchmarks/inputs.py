@@ -17,7 +17,7 @@ from cascade_rt.benchmarks.workloads import Case
 
 def latent_hw(stage: str, height: int, width: int) -> tuple[int, int]:
     """Spatial size of a stage's latent ("c": Stage C, "b"/"a": Stage B and A), from the stage specs."""
-    from cascade_rt.export.specs import latent_shape
+    from cascade_rt.stages import latent_shape
 
     return tuple(latent_shape(stage, 1, height, width)[-2:])  # type: ignore[return-value]
 

@@ -11,14 +11,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 
 from cascade_rt.errors import ConfigError
+from cascade_rt.stages import MODEL_SETS, SAMPLING, STAGES
 
 # preset set -> the preset of each stage (models/presets.py); "chart" is the Stability speed chart's
 # "small-big" combination (Stage C big, Stage B lite), reproduced on an A100 in StableCascade#139.
 PRESET_SETS: dict[str, dict[str, str]] = {
-    "big": {"c": "stage_c", "b": "stage_b", "a": "stage_a"},
-    "lite": {"c": "stage_c_lite", "b": "stage_b_lite", "a": "stage_a"},
-    "chart": {"c": "stage_c", "b": "stage_b_lite", "a": "stage_a"},
-    "tiny": {"c": "stage_c_tiny", "b": "stage_b_tiny", "a": "stage_a_tiny"},
+    "big": {s: MODEL_SETS["full"][s] for s in STAGES},
+    "lite": {s: MODEL_SETS["lite"][s] for s in STAGES},
+    "chart": {"c": MODEL_SETS["full"]["c"], "b": MODEL_SETS["lite"]["b"], "a": MODEL_SETS["full"]["a"]},
+    "tiny": {s: MODEL_SETS["tiny"][s] for s in STAGES},
 }
 
 
@@ -41,10 +42,10 @@ class Workload:
     width: int
     preset_sets: tuple[str, ...]
     batches: tuple[int, ...]
-    stage_c: StageSettings = StageSettings(20, 4.0, 2.0)
-    stage_b_steps: int = 10
-    stage_b_cfgs: tuple[float, ...] = (1.1,)
-    stage_b_shift: float = 1.0
+    stage_c: StageSettings = StageSettings(SAMPLING["c"].steps, SAMPLING["c"].cfg, SAMPLING["c"].shift)
+    stage_b_steps: int = SAMPLING["b"].steps
+    stage_b_cfgs: tuple[float, ...] = (SAMPLING["b"].cfg,)
+    stage_b_shift: float = SAMPLING["b"].shift
     dtype: str = "bfloat16"
     device: str = "cuda"
     runs: int = 5  # timed runs per backend combination (median and p90 over these)
@@ -108,10 +109,7 @@ class Case:
         }
 
 
-_STANDARD = dict(
-    height=1024, width=1024, stage_c=StageSettings(20, 4.0, 2.0), stage_b_steps=10, dtype="bfloat16", device="cuda",
-    fp32_reference=True,
-)
+_STANDARD = dict(height=1024, width=1024, dtype="bfloat16", device="cuda", fp32_reference=True)
 
 WORKLOADS: dict[str, Workload] = {
     w.name: w

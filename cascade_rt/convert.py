@@ -18,7 +18,7 @@ import torch
 
 from cascade_rt.checkpoint_io import MappedSource, ShardedSource, write_safetensors
 from cascade_rt.diffusers_format import (
-    COMPONENTS,
+    DIFFUSERS_FOLDERS,
     DEFAULT_SHARD_BYTES,
     config_to_kwargs,
     from_diffusers_plan,
@@ -106,7 +106,7 @@ def convert_to_diffusers(
     for f in files:
         with open_checkpoint(f) as source:
             shapes, got = source_shapes(source), identify(source_shapes(source))
-            if got.stage not in COMPONENTS:
+            if got.stage not in DIFFUSERS_FOLDERS:
                 raise WeightsError(f"{f} is {got.text}; only Stage C, B and A have a diffusers layout")
             preset = resolve_preset(got.stage, shapes, str(f))
             check_compatible(preset_shapes(preset.name), shapes, what=f"preset '{preset.name}'", where=str(f))
@@ -115,7 +115,7 @@ def convert_to_diffusers(
                 bf16 = f.stem.endswith("_bf16")
             else:
                 bf16 = next(iter(source.infos.values())).dtype == torch.bfloat16
-        plans.append((f, got.stage, preset, dst / COMPONENTS[got.stage][int(lite)], "bf16" if bf16 else None))
+        plans.append((f, got.stage, preset, dst / DIFFUSERS_FOLDERS[got.stage][int(lite)], "bf16" if bf16 else None))
     _prepare(dst, [p[3] for p in plans] + [d for _, d in extras], overwrite)
     written = _copy(extras)
     for f, stage, preset, folder, variant in plans:
@@ -134,7 +134,7 @@ def convert_to_official(src: str | Path, dst: str | Path, *, overwrite: bool = F
     else:
         roots = search_roots(src) if src.is_dir() else []
         folders = [
-            r / n for r in roots for names in COMPONENTS.values() for n in names if (r / n / "config.json").is_file()
+            r / n for r in roots for names in DIFFUSERS_FOLDERS.values() for n in names if (r / n / "config.json").is_file()
         ]
     if not folders:
         raise WeightsError(

@@ -25,7 +25,7 @@ from cascade_rt.checkpoint_io import MappedSource, ShardedSource, StateDictSourc
 from cascade_rt.errors import WeightsError
 
 WEIGHTS_NAME = "diffusion_pytorch_model"
-COMPONENTS = {"c": ("prior", "prior_lite"), "b": ("decoder", "decoder_lite"), "a": ("vqgan",)}
+DIFFUSERS_FOLDERS = {"c": ("prior", "prior_lite"), "b": ("decoder", "decoder_lite"), "a": ("vqgan",)}
 CLASS_NAMES = {"c": "StableCascadeUNet", "b": "StableCascadeUNet", "a": "PaellaVQModel"}
 BLOCK_TYPES = {"C": "SDCascadeResBlock", "T": "SDCascadeTimestepBlock", "A": "SDCascadeAttnBlock"}
 LETTERS = {v: k for k, v in BLOCK_TYPES.items()}

@@ -15,11 +15,11 @@ Stage B start noise, Stage B step noise, in that order.
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,35 +27,18 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from cascade_rt import weights
 from cascade_rt.errors import ConfigError, NumericsError
+from cascade_rt.models.effnet import normalize_imagenet
+from cascade_rt.models.presets import build_model
+from cascade_rt.models.text import ImageEncoder, TextEncoder, build_text_encoder, image_config
 from cascade_rt.sampling import diffuse, sample_stage
+from cascade_rt.stages import IMG2IMG_STRENGTH, SAMPLING, TITLES, check_resolution, latent_shapes, model_set
 
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]  # progress(stage, step, total)
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float32, torch.float16)
-STAGE_NAMES = {"c": "Stage C", "b": "Stage B", "a": "Stage A", "effnet": "the EfficientNet encoder"}
-
-
-def check_resolution(height: int, width: int) -> None:
-    """Each side a multiple of 128 in [256, 2048] (Stage B's latent must stay divisible by its 4 levels)."""
-    for name, value in (("height", height), ("width", width)):
-        if not isinstance(value, int) or value % 128 or not 256 <= value <= 2048:
-            raise ConfigError(
-                f"{name}={value} is not supported: each side must be a multiple of 128 between 256 and 2048 "
-                "(e.g. 1024, 1152, 1536); Stable Cascade's Stage B works on a latent of size/4 that its "
-                "down/up levels halve three times"
-            )
-
-
-def latent_shapes(batch: int, height: int, width: int) -> dict[str, tuple[int, ...]]:
-    """{'c': (B,16,ceil(H/42.67),ceil(W/42.67)), 'b': (B,4,H/4,W/4)} (spec 4.4), from the stage specs."""
-    try:  # the stage specs are the one place shapes live
-        from cascade_rt.export.specs import latent_shape
-    except ImportError:  # export layer not installed: the same formula (spec 4.4)
-        return {"c": (batch, 16, math.ceil(height / 42.67), math.ceil(width / 42.67)),
-                "b": (batch, 4, math.ceil(height / 4), math.ceil(width / 4))}  # fmt: skip
-    return {"c": latent_shape("c", batch, height, width), "b": latent_shape("b", batch, height, width)}
 
 
 def _module(runner: Any) -> nn.Module:
@@ -71,7 +54,7 @@ def _dtype(obj: Any) -> torch.dtype:
 def check_dtypes(dtypes: dict[str, torch.dtype]) -> None:
     for stage, dtype in dtypes.items():
         if dtype not in SUPPORTED_DTYPES:
-            raise ConfigError(f"{STAGE_NAMES[stage]} dtype {dtype} is not supported; use bfloat16 or float32")
+            raise ConfigError(f"{TITLES[stage]} dtype {dtype} is not supported; use bfloat16 or float32")
     if dtypes.get("c") == torch.float16:
         raise ConfigError(
             "Stage C cannot run in float16: its activations overflow the fp16 range (official models/readme.md; "
@@ -79,13 +62,13 @@ def check_dtypes(dtypes: dict[str, torch.dtype]) -> None:
         )
     for stage in ("b", "a"):
         if dtypes.get(stage) == torch.float16:
-            logger.warning("%s in float16 is not an official setting (bf16/fp32 are)", STAGE_NAMES[stage])
+            logger.warning("%s in float16 is not an official setting (bf16/fp32 are)", TITLES[stage])
 
 
 def check_finite(x: Tensor, stage: str) -> None:
     if not bool(torch.isfinite(x).all()):
         raise NumericsError(
-            f"{STAGE_NAMES[stage]} produced NaN/Inf values (dtype {x.dtype}); run that stage in bfloat16 or "
+            f"{TITLES[stage]} produced NaN/Inf values (dtype {x.dtype}); run that stage in bfloat16 or "
             "float32 (float16 overflows), and check the weights"
         )
 
@@ -155,10 +138,6 @@ class StableCascadePipeline:
         The text encoder comes from `text_encoder` (a path), else `text_encoder/` or open_clip files in the folder;
         an `image_encoder/` folder, when present, enables image variation. EffNet and previewer load in fp32.
         """
-        from pathlib import Path
-
-        from cascade_rt import weights
-        from cascade_rt.text import ImageEncoder, TextEncoder
 
         dtypes = {"c": dtype, "b": dtype, "a": dtype, **(stage_dtypes or {})}
         check_dtypes(dtypes)  # before reading gigabytes
@@ -242,17 +221,17 @@ class StableCascadePipeline:
         height: int = 1024,
         width: int = 1024,
         images_per_prompt: int = 1,
-        steps_c: int = 20,
-        cfg_c: float | None = 4.0,
-        shift_c: float = 2.0,
-        steps_b: int = 10,
-        cfg_b: float | None = 1.1,
-        shift_b: float = 1.0,
+        steps_c: int = SAMPLING["c"].steps,
+        cfg_c: float | None = SAMPLING["c"].cfg,
+        shift_c: float = SAMPLING["c"].shift,
+        steps_b: int = SAMPLING["b"].steps,
+        cfg_b: float | None = SAMPLING["b"].cfg,
+        shift_b: float = SAMPLING["b"].shift,
         seed: int | None = None,
         latents_c: Tensor | None = None,
         latents_b: Tensor | None = None,
         image: Any = None,
-        strength: float = 0.8,
+        strength: float = IMG2IMG_STRENGTH,
         clip_image: Any = None,
         preview: bool = False,
         progress: Progress | None = None,
@@ -355,9 +334,9 @@ class StableCascadePipeline:
         image: Any,
         *,
         prompt: str = "",
-        steps_b: int = 10,
-        cfg_b: float | None = 1.1,
-        shift_b: float = 1.0,
+        steps_b: int = SAMPLING["b"].steps,
+        cfg_b: float | None = SAMPLING["b"].cfg,
+        shift_b: float = SAMPLING["b"].shift,
         seed: int | None = None,
         progress: Progress | None = None,
     ) -> CascadeOutput:
@@ -386,8 +365,6 @@ class StableCascadePipeline:
         self, images: Tensor, latent_hw: Sequence[int] | None, size: Sequence[int] | None = None
     ) -> Tensor:
         """EffNet latent of [0,1] images: resized so the latent is `latent_hw` (x32), or to `size` (nearest)."""
-        from cascade_rt.models.effnet import normalize_imagenet
-
         if self.effnet is None:
             raise ConfigError("image-to-image needs the EfficientNet encoder; this pipeline has none")
         images = images.to(self.device)
@@ -422,30 +399,16 @@ def build_random_pipeline(
     Stage C/B/A and the text/image encoders run in `dtype` (per-stage overrides in `stage_dtypes`, keys c/b/a);
     EfficientNet and the previewer stay fp32, as the official weights are.
     """
-    from cascade_rt.models.presets import TINY_CLIP_DIMS, build_model
-    from cascade_rt.text import ClipTextConfig, ClipVisionConfig, ImageEncoder, TextEncoder
 
-    names = {
-        "tiny": ("stage_c_tiny", "stage_b_tiny", "stage_a_tiny", "previewer_tiny"),
-        "lite": ("stage_c_lite", "stage_b_lite", "stage_a", "previewer"),
-        "full": ("stage_c", "stage_b", "stage_a", "previewer"),
-    }
-    if preset not in names:
-        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(names)}")
+    names = model_set(preset)
     dtypes = {"c": dtype, "b": dtype, "a": dtype, **(stage_dtypes or {})}
     check_dtypes(dtypes)  # before building anything large
-    c, b, a, prev = names[preset]
-    if preset == "tiny":
-        text_cfg = ClipTextConfig.tiny(TINY_CLIP_DIMS["text_hidden"], TINY_CLIP_DIMS["text_pooled"])
-        image_cfg = ClipVisionConfig.tiny(output_dim=TINY_CLIP_DIMS["image"])
-    else:
-        text_cfg, image_cfg = ClipTextConfig(), ClipVisionConfig()
     return StableCascadePipeline(
-        text_encoder=TextEncoder.random(text_cfg, dtype=dtype, device=device, seed=seed),
-        image_encoder=ImageEncoder.random(image_cfg, dtype=dtype, device=device, seed=seed + 1),
-        stage_c=build_model(c, device=device, dtype=dtypes["c"], seed=seed + 2),
-        stage_b=build_model(b, device=device, dtype=dtypes["b"], seed=seed + 3),
-        stage_a=build_model(a, device=device, dtype=dtypes["a"], seed=seed + 4),
-        effnet=build_model("effnet", device=device, seed=seed + 5),
-        previewer=build_model(prev, device=device, seed=seed + 6),
+        text_encoder=build_text_encoder(names["text"], dtype=dtype, device=device, seed=seed),
+        image_encoder=ImageEncoder.random(image_config(preset), dtype=dtype, device=device, seed=seed + 1),
+        stage_c=build_model(names["c"], device=device, dtype=dtypes["c"], seed=seed + 2),
+        stage_b=build_model(names["b"], device=device, dtype=dtypes["b"], seed=seed + 3),
+        stage_a=build_model(names["a"], device=device, dtype=dtypes["a"], seed=seed + 4),
+        effnet=build_model(names["effnet"], device=device, seed=seed + 5),
+        previewer=build_model(names["previewer"], device=device, seed=seed + 6),
     )

@@ -29,7 +29,7 @@ from torch import nn
 
 from cascade_rt.checkpoint_io import MappedSource, TensorSource, open_source, read_header, weights_hash
 from cascade_rt.diffusers_format import (
-    COMPONENTS,
+    DIFFUSERS_FOLDERS,
     from_diffusers,
     guess_stage,
     open_component,
@@ -38,26 +38,23 @@ from cascade_rt.diffusers_format import (
 )
 from cascade_rt.errors import WeightsError
 from cascade_rt.models.presets import PRESETS, Preset, build_model, get_preset
+from cascade_rt.stages import COMPONENTS, MODEL_SETS, TITLES
 
 __all__ = [
-    "STAGES", "Identity", "identify", "check_compatible", "load_stage", "load_weights_into", "open_checkpoint",
+    "Identity", "identify", "check_compatible", "load_stage", "load_weights_into", "open_checkpoint",
     "find_weights", "find_text_encoder", "load_pipeline_models", "to_diffusers", "from_diffusers", "weights_hash",
     "read_header",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("c", "b", "a", "effnet", "previewer")
-TITLES = {
-    "c": "Stage C", "b": "Stage B", "a": "Stage A", "effnet": "the EfficientNet encoder", "previewer": "the Previewer",
-}  # fmt: skip
 STEMS = {"c": "stage_c", "b": "stage_b", "a": "stage_a", "effnet": "effnet_encoder", "previewer": "previewer"}
 # stage -> (detector key, shape index, {value: released preset}) (diffusers' single_file_utils uses the same keys)
 DETECTORS = {
     "c": ("clip_txt_mapper.weight", 0, {2048: "stage_c", 1536: "stage_c_lite"}),
     "b": ("down_blocks.1.0.channelwise.0.weight", -1, {640: "stage_b", 576: "stage_b_lite"}),
 }
-DEFAULT_PRESET = {"c": "stage_c", "b": "stage_b", "a": "stage_a", "effnet": "effnet", "previewer": "previewer"}
+DEFAULT_PRESET = MODEL_SETS["full"]  # a component's released (big) model
 SIZES = {"stage_c": "big 3.6B", "stage_c_lite": "lite 1B", "stage_b": "big 1.5B", "stage_b_lite": "lite 700M"}
 
 
@@ -187,11 +184,11 @@ def open_checkpoint(path: str | Path) -> TensorSource:
 
 
 def resolve_preset(stage_or_preset: str, shapes: Mapping[str, tuple], where: str) -> Preset:
-    if stage_or_preset in PRESETS and stage_or_preset not in STAGES:  # 'effnet', 'previewer' name both
+    if stage_or_preset in PRESETS and stage_or_preset not in COMPONENTS:  # 'effnet', 'previewer' name both
         return get_preset(stage_or_preset)
-    if stage_or_preset not in STAGES:
+    if stage_or_preset not in COMPONENTS:
         raise WeightsError(
-            f"unknown stage or preset {stage_or_preset!r}: use one of {', '.join(STAGES)} or {', '.join(PRESETS)}"
+            f"unknown stage or preset {stage_or_preset!r}: use one of {', '.join(COMPONENTS)} or {', '.join(PRESETS)}"
         )
     got = identify(shapes)
     if got.stage != stage_or_preset:  # let check_compatible explain it against the default preset
@@ -228,7 +225,7 @@ def load_stage(
                 f"load_pipeline_models"
             )
         stage, kwargs, source = open_component(path, dtype)
-        preset = get_preset(stage_or_preset) if stage_or_preset in PRESETS and stage_or_preset not in STAGES else None
+        preset = get_preset(stage_or_preset) if stage_or_preset in PRESETS and stage_or_preset not in COMPONENTS else None
         if (preset.stage if preset else stage_or_preset) != stage:
             want = TITLES.get(preset.stage if preset else stage_or_preset, stage_or_preset)
             raise WeightsError(f"{path}/config.json describes {TITLES[stage]}, not {want}: pass the folder of {want}")
@@ -283,8 +280,8 @@ def _find_one(roots: list[Path], stage: str, lite: bool, dtype: torch.dtype | No
             for name in official_names(stage, lite, dtype):
                 if (root / name).is_file():
                     return root / name
-    if layout in ("auto", "diffusers") and stage in COMPONENTS:
-        names = COMPONENTS[stage][::-1] if lite else COMPONENTS[stage]
+    if layout in ("auto", "diffusers") and stage in DIFFUSERS_FOLDERS:
+        names = DIFFUSERS_FOLDERS[stage][::-1] if lite else DIFFUSERS_FOLDERS[stage]
         for root in roots:
             for name in names:
                 folder = root / name
@@ -306,7 +303,7 @@ def find_weights(
     `dtype` is preferred, the other is the fall-back. Sub-folders holding a model_index.json are searched too.
     """
     roots, lites = search_roots(_weights_dir(weights_dir)), _lite_set(lite)
-    found = {s: _find_one(roots, s, s in lites, dtype, layout) for s in STAGES}
+    found = {s: _find_one(roots, s, s in lites, dtype, layout) for s in COMPONENTS}
     return {s: p for s, p in found.items() if p is not None}
 
 
@@ -331,8 +328,8 @@ def _missing_message(root: Path, stage: str, lite: bool, dtype: torch.dtype | No
     looked = []
     if layout in ("auto", "official"):
         looked.append(f"{' or '.join(official_names(stage, lite, dtype))} (official layout)")
-    if layout in ("auto", "diffusers") and stage in COMPONENTS:
-        looked.append(f"{' or '.join(n + '/' for n in COMPONENTS[stage])} with config.json (diffusers layout)")
+    if layout in ("auto", "diffusers") and stage in DIFFUSERS_FOLDERS:
+        looked.append(f"{' or '.join(n + '/' for n in DIFFUSERS_FOLDERS[stage])} with config.json (diffusers layout)")
     msg = f"{TITLES[stage]}{variant} not found: looked for {' and '.join(looked)} in {', '.join(map(str, roots))}"
     other = _find_one(roots, stage, not lite, dtype, layout) if stage in DETECTORS else None
     if other:
@@ -349,7 +346,7 @@ def load_pipeline_models(
     lite: bool | Iterable[str] = False,
     dtype: torch.dtype | Mapping[str, torch.dtype] = torch.bfloat16,
     device: str | torch.device = "cpu",
-    stages: Iterable[str] = STAGES,
+    stages: Iterable[str] = COMPONENTS,
     required: Iterable[str] = ("c", "b", "a"),
     presets: Mapping[str, str] | None = None,
     layout: str = "auto",
@@ -360,7 +357,7 @@ def load_pipeline_models(
     official files, config.json for diffusers folders). Missing `required` stages raise one WeightsError naming all.
     """
     root, lites, presets = _weights_dir(weights_dir), _lite_set(lite), dict(presets or {})
-    dtypes = {s: dtype.get(s, torch.float32) if isinstance(dtype, Mapping) else dtype for s in STAGES}
+    dtypes = {s: dtype.get(s, torch.float32) if isinstance(dtype, Mapping) else dtype for s in COMPONENTS}
     stages, roots = list(stages), search_roots(root)
     found = {s: p for s in stages if (p := _find_one(roots, s, s in lites, dtypes[s], layout))}
     missing = [s for s in required if s in stages and s not in found]

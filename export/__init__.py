@@ -4,7 +4,7 @@ Modules (import them directly; this package imports nothing, so `cascade_rt.expo
 
     specs        StageSpec per graph (text, stage_c_cond, stage_c, stage_b_cond, stage_b, stage_a, effnet,
                  previewer): tensor names/dtypes, shapes from Dims(batch, height, width, cfg), dynamic axes,
-                 min/opt/max profiles, sample inputs; latent_shape(), stage_c_latent_hw(), stage_b_latent_hw()
+                 min/opt/max profiles, sample inputs (latent shapes: cascade_rt.stages)
     graphs       the exported nn.Modules (per-step denoisers, per-prompt conditioning), pack/unpack_cond_kv
     onnx_export  export_onnx(model, spec, path, dims=, dynamic=) -> checked ONNX graph (+ external data)
     onnx_passes  TensorRT rewrites: Resize in fp32, ConvTranspose dtypes (prepare_for_tensorrt)

@@ -20,29 +20,15 @@ from torch import nn
 from cascade_rt.errors import BackendUnavailable, ConfigError
 from cascade_rt.export.graphs import run_graph, stage_graph
 from cascade_rt.export.manifest import Manifest, device_info, library_versions
-from cascade_rt.export.specs import CFG_STAGES, PRECISIONS, STAGES, Dims, StageSpec, make_spec
+from cascade_rt.export.specs import CFG_STAGES, GRAPH_COMPONENT, PRECISIONS, STAGES, Dims, StageSpec, make_spec
+from cascade_rt.models.text import build_text_encoder
+from cascade_rt.stages import MODEL_SETS, TEXT_PRESETS
 from cascade_rt.export.validate import validate
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "onnxruntime", "tensorrt", "aoti")
 EXTENSIONS = {"onnx": ".onnx", "onnxruntime": ".onnx", "tensorrt": ".plan", "aoti": ".pt2"}
-CLI_STAGES = {
-    "text": ("text",), "c": ("stage_c_cond", "stage_c"), "b": ("stage_b_cond", "stage_b"),
-    "a": ("stage_a",), "effnet": ("effnet",), "previewer": ("previewer",),
-}  # fmt: skip
-FAMILY = {"text": "text", "stage_c": "c", "stage_c_cond": "c", "stage_b": "b", "stage_b_cond": "b",
-          "stage_a": "a", "effnet": "effnet", "previewer": "previewer"}  # fmt: skip
-# --preset tiny|lite|full -> the preset of each stage family (EfficientNet exists in one size only)
-PRESET_GROUPS = {
-    "tiny": {"text": "text_tiny", "c": "stage_c_tiny", "b": "stage_b_tiny", "a": "stage_a_tiny",
-             "effnet": "effnet", "previewer": "previewer_tiny"},
-    "lite": {"text": "text", "c": "stage_c_lite", "b": "stage_b_lite", "a": "stage_a", "effnet": "effnet",
-             "previewer": "previewer"},
-    "full": {"text": "text", "c": "stage_c", "b": "stage_b", "a": "stage_a", "effnet": "effnet",
-             "previewer": "previewer"},
-}  # fmt: skip
-TEXT_PRESETS = ("text", "text_tiny")
 
 
 @dataclass(frozen=True)
@@ -84,9 +70,9 @@ class EngineRequest:
 
 def resolve_preset(group_or_name: str, stage: str) -> str:
     """'tiny'/'lite'/'full' -> this stage's preset; an exact preset name is checked against the stage."""
-    family = FAMILY[stage]
-    if group_or_name in PRESET_GROUPS:
-        return PRESET_GROUPS[group_or_name][family]
+    family = GRAPH_COMPONENT[stage]
+    if group_or_name in MODEL_SETS:
+        return MODEL_SETS[group_or_name][family]
     if family == "text":
         if group_or_name not in TEXT_PRESETS:
             raise ConfigError(f"text encoder preset must be one of {TEXT_PRESETS}, got {group_or_name!r}")
@@ -102,15 +88,7 @@ def random_model(preset: str, precision: str, seed: int = 0, device: str = "meta
     """A preset with random (seeded) weights; on 'meta' only shapes (what the spec needs)."""
     dtype = PRECISIONS[precision]
     if preset in TEXT_PRESETS:
-        from cascade_rt.models.presets import TINY_CLIP_DIMS
-        from cascade_rt.text import ClipTextConfig, TextEncoder
-
-        tiny = ClipTextConfig.tiny(TINY_CLIP_DIMS["text_hidden"], TINY_CLIP_DIMS["text_pooled"])
-        config = tiny if preset == "text_tiny" else ClipTextConfig()
-        if device == "meta":
-            with torch.device("meta"):
-                return TextEncoder(config).to(dtype).eval()
-        return TextEncoder.random(config, dtype=dtype, device=device, seed=seed)
+        return build_text_encoder(preset, device=device, dtype=dtype, seed=seed)
     from cascade_rt.models.presets import build_model
 
     return build_model(preset, device=device, dtype=dtype, seed=None if device == "meta" else seed)

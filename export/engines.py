@@ -43,8 +43,8 @@ def _preset_signature(preset: str) -> tuple:
 
 def preset_of(model: nn.Module) -> str:
     """The preset whose architecture `model` has (state-dict names and shapes), else 'custom-<hash>'."""
-    from cascade_rt.export.build import TEXT_PRESETS
     from cascade_rt.models.presets import PRESETS
+    from cascade_rt.stages import TEXT_PRESETS
 
     sig = type(model).__name__, tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
     for name in (*PRESETS, *TEXT_PRESETS):

@@ -30,16 +30,8 @@ from torch import nn
 
 from cascade_rt.errors import ConfigError, EngineError
 from cascade_rt.export.graphs import stage_graph
-from cascade_rt.export.specs import (
-    BATCH_MAX,
-    RESOLUTION_MAX,
-    RESOLUTION_MIN,
-    RESOLUTION_STEP,
-    Dims,
-    StageSpec,
-    parse_dim,
-    stage_c_latent_hw,
-)
+from cascade_rt.export.specs import BATCH_MAX, Dims, StageSpec, parse_dim
+from cascade_rt.stages import RESOLUTION_MAX, RESOLUTION_MIN, RESOLUTION_STEP, stage_c_latent_hw
 
 logger = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from cascade_rt.errors import ConfigError, WeightsError
-from cascade_rt.export.build import FAMILY, random_model
+from cascade_rt.export.build import random_model
 from cascade_rt.export.manifest import Manifest
-from cascade_rt.export.specs import PRECISIONS
+from cascade_rt.export.specs import GRAPH_COMPONENT, PRECISIONS
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +54,9 @@ def weights_source(stage: str, weights_dir: str | Path, precision: str, *, lite:
     from cascade_rt.checkpoint_io import weights_hash
     from cascade_rt.export.engines import preset_of
 
-    family, dtype = FAMILY[stage], PRECISIONS[precision]
+    family, dtype = GRAPH_COMPONENT[stage], PRECISIONS[precision]
     if family == "text":
-        from cascade_rt.text import TextEncoder
+        from cascade_rt.models.text import TextEncoder
         from cascade_rt.weights import find_text_encoder
 
         path = find_text_encoder(weights_dir)
@@ -87,11 +87,11 @@ def model_from_manifest(m: Manifest) -> nn.Module:
         path = Path(src["weights"])
         if not path.exists() or weights_hash(path) != m.weights_hash:
             raise WeightsError(f"the weights this engine was built from ({path}) are missing or changed")
-        if FAMILY[m.stage] == "text":
-            from cascade_rt.text import TextEncoder
+        if GRAPH_COMPONENT[m.stage] == "text":
+            from cascade_rt.models.text import TextEncoder
 
             return TextEncoder.from_pretrained(path, dtype=PRECISIONS[m.precision])
         from cascade_rt.weights import load_stage
 
-        return load_stage(FAMILY[m.stage], path, dtype=PRECISIONS[m.precision])
+        return load_stage(GRAPH_COMPONENT[m.stage], path, dtype=PRECISIONS[m.precision])
     raise ConfigError("the manifest does not say which weights the engine was built from")

@@ -18,7 +18,6 @@ value is found from the input tensors by `StageSpec.bind`, which then gives ever
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
@@ -26,16 +25,30 @@ from typing import Any, Mapping
 import torch
 
 from cascade_rt.errors import ConfigError
+from cascade_rt.stages import (
+    RESOLUTION_MAX,
+    RESOLUTION_MIN,
+    check_resolution,
+    stage_b_latent_hw,
+    stage_c_latent_hw,
+)
 
-STAGES = ("text", "stage_c_cond", "stage_c", "stage_b_cond", "stage_b", "stage_a", "effnet", "previewer")
+# the exported graphs and the component (cascade_rt.stages.COMPONENTS, or "text") whose model each one runs
+GRAPH_COMPONENT = {
+    "text": "text", "stage_c_cond": "c", "stage_c": "c", "stage_b_cond": "b", "stage_b": "b", "stage_a": "a",
+    "effnet": "effnet", "previewer": "previewer",
+}  # fmt: skip
+STAGES = tuple(GRAPH_COMPONENT)
 CFG_STAGES = ("text", "stage_c_cond", "stage_c", "stage_b_cond", "stage_b")  # CFG doubles their batch
+
+
+def component_graphs(component: str) -> tuple[str, ...]:
+    """The graphs exported for a component: 'c' -> ('stage_c_cond', 'stage_c'), 'a' -> ('stage_a',)."""
+    return tuple(g for g, c in GRAPH_COMPONENT.items() if c == component)
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 INT_DTYPES = {"int64": torch.int64, "int32": torch.int32, "float32": torch.float32}
 
-RESOLUTION_MIN, RESOLUTION_MAX, RESOLUTION_STEP = 256, 2048, 128
 BATCH_MIN, BATCH_MAX = 1, 4
-STAGE_C_COMPRESSION = 42.67  # official calculate_latent_sizes
-STAGE_B_COMPRESSION = 4.0
 TEXT_TOKENS = 77
 
 FP16_REFUSAL = (
@@ -45,35 +58,6 @@ FP16_REFUSAL = (
 
 
 # ------------------------------------------------------------------------------------------ shapes
-def stage_c_latent_hw(height: int, width: int) -> tuple[int, int]:
-    """Stage C latent grid: ceil(H / 42.67) (1024 -> 24, 1536 -> 36, 768 -> 18)."""
-    return math.ceil(height / STAGE_C_COMPRESSION), math.ceil(width / STAGE_C_COMPRESSION)
-
-
-def stage_b_latent_hw(height: int, width: int) -> tuple[int, int]:
-    """Stage B (and Stage A) latent grid: ceil(H / 4) (1024 -> 256)."""
-    return math.ceil(height / STAGE_B_COMPRESSION), math.ceil(width / STAGE_B_COMPRESSION)
-
-
-def latent_shape(stage: str, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
-    """The sampled latent of a stage: `"c"` -> (B, 16, hc, wc), `"b"` -> (B, 4, hb, wb)."""
-    key = stage.removeprefix("stage_")
-    if key == "c":
-        return (batch, 16, *stage_c_latent_hw(height, width))
-    if key in ("b", "a"):
-        return (batch, 4, *stage_b_latent_hw(height, width))
-    raise ConfigError(f"latent_shape: stage must be 'c' or 'b', got {stage!r}")
-
-
-def check_resolution(height: int, width: int) -> None:
-    for name, v in (("height", height), ("width", width)):
-        if not (RESOLUTION_MIN <= v <= RESOLUTION_MAX and v % RESOLUTION_STEP == 0):
-            raise ConfigError(
-                f"{name} {v} is not supported: use a multiple of {RESOLUTION_STEP} in "
-                f"[{RESOLUTION_MIN}, {RESOLUTION_MAX}] (Stage B needs its latent divisible by 32)"
-            )
-
-
 @dataclass(frozen=True)
 class Dims:
     """A concrete request: images of `height` x `width`, `batch` prompts, CFG on or off."""
@@ -363,7 +347,7 @@ def make_spec(stage: str, model: torch.nn.Module, preset: str) -> StageSpec:
 
 def _text_spec(model: torch.nn.Module, preset: str) -> StageSpec:
     """CLIP text tower: token ids + attention mask -> hidden_states[-1] (pre final LN) and the pooled projection."""
-    from cascade_rt.text import EOS_ID
+    from cascade_rt.models.text import EOS_ID
 
     config = model.config
     if config.context_length != TEXT_TOKENS:

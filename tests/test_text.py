@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cascade_rt.errors import WeightsError
-from cascade_rt.text import (
+from cascade_rt.models.text import (
     BOS_ID,
     CLIP_MEAN,
     CLIP_STD,

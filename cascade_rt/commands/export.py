@@ -14,18 +14,19 @@ import json
 import logging
 
 from cascade_rt.errors import ConfigError
+from cascade_rt.export.build import FORMATS
+from cascade_rt.stages import COMPONENTS
 
 logger = logging.getLogger(__name__)
 
-STAGE_CHOICES = ("text", "c", "b", "a", "effnet", "previewer", "all")
-FORMAT_CHOICES = ("onnx", "onnxruntime", "tensorrt", "aoti")
+STAGE_CHOICES = ("text", *COMPONENTS, "all")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("export", help="export stages to ONNX and build engines", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--stage", choices=STAGE_CHOICES, default="all")
-    p.add_argument("--format", choices=FORMAT_CHOICES, default="onnx")
+    p.add_argument("--format", choices=FORMATS, default="onnx")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--weights", metavar="DIR", help="official (or diffusers-layout) weights folder")
     src.add_argument("--random-weights", action="store_true", help="random seeded weights (shapes/speed only)")
@@ -49,10 +50,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def stages_of(choice: str) -> list[str]:
-    from cascade_rt.export.build import CLI_STAGES
+    from cascade_rt.export.specs import component_graphs
 
-    order = ("c", "b", "a", "effnet", "previewer", "text")  # text last: the largest random model
-    return [s for key in (order if choice == "all" else (choice,)) for s in CLI_STAGES[key]]
+    order = (*COMPONENTS, "text")  # text last: the largest random model
+    return [s for key in (order if choice == "all" else (choice,)) for s in component_graphs(key)]
 
 
 def run(args: argparse.Namespace) -> int:

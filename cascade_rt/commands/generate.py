@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cascade_rt.stages import IMG2IMG_STRENGTH, RUNTIME_PRESETS, SAMPLING, check_resolution, default_size
+
 RANDOM_NOTE = "RANDOM WEIGHTS: the models are untrained (seeded random); the image shows noise, not the prompt"
 DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
 
@@ -21,7 +23,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weights", metavar="DIR", help="weights folder (official safetensors or diffusers layout)")
     g.add_argument("--lite", action="store_true", help="use the lite Stage C (1B) and Stage B (700M) checkpoints")
     g.add_argument("--random-weights", action="store_true", help="seeded random weights (no download; demos, tests)")
-    g.add_argument("--preset", choices=("tiny", "lite", "full", "edge"), default="tiny",
+    g.add_argument("--preset", choices=tuple(RUNTIME_PRESETS), default="tiny",
                    help="model size for --random-weights (edge: lite models, bf16, sequential memory)")
     g.add_argument("--text-encoder", metavar="PATH", help="CLIP text encoder folder/file if not inside --weights")
     g.add_argument("--dtype", choices=tuple(DTYPES), default="bf16", help="Stage C/B/A dtype (fp16 is refused for C)")
@@ -118,13 +120,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--height", type=int, default=None, help="multiple of 128 in [256, 2048] (default 1024; 256 for --preset tiny)")
     p.add_argument("--width", type=int, default=None, help="multiple of 128 in [256, 2048] (default 1024; 256 for --preset tiny)")
     p.add_argument("--batch", type=int, default=1, help="images for the prompt")
-    p.add_argument("--steps-c", type=int, default=20)
-    p.add_argument("--steps-b", type=int, default=10)
-    p.add_argument("--cfg-c", type=float, default=4.0)
-    p.add_argument("--cfg-b", type=float, default=1.1)
-    p.add_argument("--shift-c", type=float, default=2.0)
+    p.add_argument("--steps-c", type=int, default=SAMPLING["c"].steps)
+    p.add_argument("--steps-b", type=int, default=SAMPLING["b"].steps)
+    p.add_argument("--cfg-c", type=float, default=SAMPLING["c"].cfg)
+    p.add_argument("--cfg-b", type=float, default=SAMPLING["b"].cfg)
+    p.add_argument("--shift-c", type=float, default=SAMPLING["c"].shift)
     p.add_argument("--image", help="input image for image-to-image")
-    p.add_argument("--strength", type=float, default=0.8, help="image-to-image noise level t_start")
+    p.add_argument("--strength", type=float, default=IMG2IMG_STRENGTH, help="image-to-image noise level t_start")
     p.add_argument("--preview", action="store_true", help="also save the previewer image of Stage C (*_preview.png)")
     add_model_args(p)
     p.set_defaults(func=run)
@@ -132,9 +134,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def resolve_resolution(args: argparse.Namespace) -> None:
     """Fill in the default resolution (1024², or 256² for the tiny CPU preset) and refuse a bad one before loading."""
-    from cascade_rt.pipeline import check_resolution
-
-    default = 256 if args.random_weights and args.preset == "tiny" else 1024
+    default = default_size(args.preset if args.random_weights else "full")
     args.height = default if args.height is None else args.height
     args.width = default if args.width is None else args.width
     check_resolution(args.height, args.width)

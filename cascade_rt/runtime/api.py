@@ -23,15 +23,13 @@ import torch
 
 from cascade_rt.errors import ConfigError
 from cascade_rt.pipeline import CascadeOutput, StableCascadePipeline, build_random_pipeline
-from cascade_rt.runtime.backends import STAGES, BuildContext, StageRunner, build_runner, parse_backend_spec, require_backend
+from cascade_rt.stages import STAGES, runtime_preset
+from cascade_rt.runtime.backends import BuildContext, StageRunner, build_runner, parse_backend_spec, require_backend
 from cascade_rt.runtime.graphs import GraphedSampler
 from cascade_rt.runtime.memory import MemoryManager
 
 logger = logging.getLogger(__name__)
 
-# preset -> (model sizes, memory mode by default); "edge" = Stage C lite + Stage B lite in bf16, one at a time
-PRESETS = {"tiny": ("tiny", "resident"), "lite": ("lite", "resident"), "full": ("full", "resident"),
-           "edge": ("lite", "sequential")}  # fmt: skip
 MANAGED_METHODS = ("encode", "prepare_conditioning", "denoise", "decode", "__call__")
 
 
@@ -148,10 +146,9 @@ def load_pipeline(
     backend: one name for all stages or 'c=...,b=...,a=...'. memory: resident | sequential | offload
     (default: the preset's). engine_shapes: (batch, height, width) the engine backends build profiles for.
     """
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-    models, default_memory = PRESETS[preset]
-    memory = memory or default_memory
+    chosen = runtime_preset(preset)
+    models = chosen.size
+    memory = memory or chosen.memory
     device = _device(device)
     per_stage = parse_backend_spec(backend)
     for name in dict.fromkeys(per_stage.values()):  # fail before building gigabytes of models

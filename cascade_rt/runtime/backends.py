@@ -32,16 +32,10 @@ import torch
 from torch import Tensor, nn
 
 from cascade_rt.errors import BackendUnavailable, ConfigError
+from cascade_rt.stages import DENOISERS, STAGE_ALIASES, STAGES
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("c", "b", "a")
-STAGE_ALIASES = {
-    "c": "c", "stage_c": "c", "prior": "c",
-    "b": "b", "stage_b": "b", "decoder": "b",
-    "a": "a", "stage_a": "a", "vqgan": "a",
-}  # fmt: skip
-DENOISERS = ("c", "b")
 
 
 @dataclass(frozen=True)

@@ -27,14 +27,15 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from cascade_rt.models.text import build_text_encoder
 from cascade_rt.runtime.memory import MEMORY_MODES, offload_units
+from cascade_rt.stages import RUNTIME_PRESETS, TEXT_PRESETS, latent_shapes, model_set
 
 GiB = 1024**3
 OVERHEAD_BYTES = int(0.75 * GiB)  # CUDA context (~0.4-0.6 GiB with cuBLAS/cuDNN handles) + allocator slack
 
 # what the edge preset runs: Stage C lite + Stage B lite, bf16, one large model on the GPU at a time
-EDGE = {"presets": {"c": "stage_c_lite", "b": "stage_b_lite", "a": "stage_a", "text": "clip_bigg"},
-        "dtype": torch.bfloat16, "memory": "sequential"}  # fmt: skip
+EDGE_PRESETS = {k: v for k, v in model_set(RUNTIME_PRESETS["edge"].size).items() if k in ("c", "b", "a", "text")}
 
 
 class LiveBytes(TorchDispatchMode):
@@ -155,11 +156,8 @@ def _denoiser_work(model: nn.Module, stage: str, shapes: dict[str, tuple[int, ..
 
 
 def _build(preset: str, dtype: torch.dtype) -> nn.Module:
-    if preset == "clip_bigg":
-        from cascade_rt.text import ClipTextConfig, TextEncoder
-
-        with torch.device("meta"):
-            return TextEncoder(ClipTextConfig()).to(dtype)
+    if preset in TEXT_PRESETS:
+        return build_text_encoder(preset, device="meta", dtype=dtype)
     from cascade_rt.models.presets import build_model
 
     return build_model(preset, device="meta", dtype=dtype)
@@ -176,12 +174,10 @@ def estimate_memory(
     cfg_b: bool = True,
 ) -> MemoryEstimate:
     """Estimate the device memory of one generation. presets: {"c", "b", "a", "text"} -> preset names
-    (default: the edge preset's); "text" may be "clip_bigg" or omitted. Stage C always runs with CFG."""
-    from cascade_rt.pipeline import latent_shapes
-
+    (default: the edge preset's); "text" may be a text preset ('text', 'text_tiny') or omitted. Stage C always runs with CFG."""
     if mode not in MEMORY_MODES:
         raise ValueError(f"unknown memory mode {mode!r}")
-    presets = dict(EDGE["presets"] if presets is None else presets)
+    presets = dict(EDGE_PRESETS if presets is None else presets)
     shapes = latent_shapes(batch, height, width)
     models = {name: _build(p, dtype) for name, p in presets.items()}
     c = models["c"]

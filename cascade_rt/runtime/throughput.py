@@ -29,7 +29,8 @@ import torch
 from torch import Tensor
 
 from cascade_rt.errors import ConfigError
-from cascade_rt.pipeline import CascadeOutput, StableCascadePipeline, check_resolution, latent_shapes, to_pil
+from cascade_rt.pipeline import CascadeOutput, StableCascadePipeline, to_pil
+from cascade_rt.stages import SAMPLING, check_resolution, default_size, latent_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -44,14 +45,14 @@ def make_batches(prompts: Sequence[str], max_batch: int) -> list[list[str]]:
 
 @dataclass
 class Settings:
-    height: int = 1024
-    width: int = 1024
-    steps_c: int = 20
-    cfg_c: float | None = 4.0
-    shift_c: float = 2.0
-    steps_b: int = 10
-    cfg_b: float | None = 1.1
-    shift_b: float = 1.0
+    height: int = default_size("full")
+    width: int = default_size("full")
+    steps_c: int = SAMPLING["c"].steps
+    cfg_c: float | None = SAMPLING["c"].cfg
+    shift_c: float = SAMPLING["c"].shift
+    steps_b: int = SAMPLING["b"].steps
+    cfg_b: float | None = SAMPLING["b"].cfg
+    shift_b: float = SAMPLING["b"].shift
 
 
 @dataclass

@@ -5,7 +5,7 @@ never run in CPU CI. This file checks them on the CPU without launching anything
 
 1. The real launches are TRACED, not hand-written: each released preset is built on the ``meta`` device, the
    ``triton`` backend is applied, and the model runs once at 1024^2 / 2048^2 (latents from
-   ``pipeline.latent_shapes``), model batch 2 and 8 (CFG doubles the pipeline batch), bf16 and fp32. The
+   ``stages.latent_shapes``), model batch 2 and 8 (CFG doubles the pipeline batch), bf16 and fp32. The
    autotuned kernels are swapped for recorders, so every launcher computes its arguments itself (N, S, HEAD_DIM,
    BLOCK_D, BLOCK_S, PRECISION, P, C, BLOCK_C, SPLIT, ...) and the recorder keeps them with the grid callable.
    Only gelu_grn's SPLIT needs a GPU: ``_default_split`` runs with an H100's 132 SMs.
@@ -40,8 +40,8 @@ from cascade_rt.kernels import modulation as mod_mod
 from cascade_rt.kernels import stage_a_block as sa_mod
 from cascade_rt.kernels.backend import apply_triton_kernels
 from cascade_rt.models.presets import build_model
-from cascade_rt.pipeline import latent_shapes
-from cascade_rt.text import ClipTextConfig
+from cascade_rt.stages import latent_shapes
+from cascade_rt.models.text import ClipTextConfig
 
 H100_SMS = 132  # H100 SXM
 H100_SMEM_PER_BLOCK = 227 * 1024  # sm_90: max shared memory per block (opt-in)

@@ -26,7 +26,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cascade_rt.errors import WeightsError
+from cascade_rt.errors import ConfigError, WeightsError
+from cascade_rt.models.presets import TINY_CLIP_DIMS
+from cascade_rt.stages import TEXT_PRESETS
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +71,31 @@ class ClipVisionConfig:
     @classmethod
     def tiny(cls, output_dim: int = 24, width: int = 32) -> ClipVisionConfig:
         return cls(width=width, layers=2, heads=2, patch_size=32, output_dim=output_dim)
+
+
+def text_config(preset: str) -> ClipTextConfig:
+    """The text encoder of a text preset: 'text' (CLIP bigG, the released one) or 'text_tiny' (the tiny presets')."""
+    if preset == "text":
+        return ClipTextConfig()
+    if preset == "text_tiny":
+        return ClipTextConfig.tiny(TINY_CLIP_DIMS["text_hidden"], TINY_CLIP_DIMS["text_pooled"])
+    raise ConfigError(f"unknown text encoder preset {preset!r}; choose one of {', '.join(TEXT_PRESETS)}")
+
+
+def image_config(size: str) -> ClipVisionConfig:
+    """The image encoder (CLIP ViT-L/14, or the tiny presets' tower) of a pipeline size."""
+    return ClipVisionConfig.tiny(output_dim=TINY_CLIP_DIMS["image"]) if size == "tiny" else ClipVisionConfig()
+
+
+def build_text_encoder(
+    preset: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int | None = 0
+) -> TextEncoder:
+    """A text preset's encoder with random (seeded) weights; on 'meta' (or seed=None there) only shapes."""
+    config = text_config(preset)
+    if torch.device(device).type == "meta":
+        with torch.device("meta"):
+            return TextEncoder(config).to(dtype).eval().requires_grad_(False)
+    return TextEncoder.random(config, dtype=dtype, device=device, seed=seed or 0)
 
 
 class ClipTokenizer:

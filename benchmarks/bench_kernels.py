@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from cascade_rt.stages import stage_b_latent_hw, stage_c_latent_hw
 from cascade_rt.models.presets import get_preset
+from cascade_rt.stages import stage_b_latent_hw, stage_c_latent_hw
 
 log = logging.getLogger("cascade_rt.bench_kernels")
 RESULTS = Path(__file__).resolve().parent / "results"

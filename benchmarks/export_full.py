@@ -25,6 +25,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from cascade_rt.export.build import EngineRequest
+from cascade_rt.export.cache import EngineCache
+from cascade_rt.export.manifest import Manifest, cpu_name, library_versions
+from cascade_rt.export.sources import random_source
+from cascade_rt.export.specs import GRAPH_COMPONENT, Dims
+
 logger = logging.getLogger("export_full")
 
 
@@ -52,12 +58,6 @@ def main(argv: list[str] | None = None) -> int:
     args.out = args.out or str(Path(__file__).parent / "results" / f"export_full{suffix}.json")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from cascade_rt.export.build import EngineRequest
-    from cascade_rt.export.specs import GRAPH_COMPONENT
-    from cascade_rt.export.cache import EngineCache
-    from cascade_rt.export.manifest import Manifest, cpu_name, library_versions
-    from cascade_rt.export.sources import random_source
-    from cascade_rt.export.specs import Dims
 
     family = "c" if args.preset.startswith("stage_c") else "b"
     stages = [f"stage_{family}_cond", f"stage_{family}"]

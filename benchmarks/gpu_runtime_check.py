@@ -120,7 +120,7 @@ SETTINGS = {"c": dict(steps=20, cfg=4.0, shift=2.0), "b": dict(steps=10, cfg=1.1
 
 def check_graphs_equal(presets: list[str]) -> dict[str, Any]:
     from cascade_rt.models import build_model
-    from cascade_rt.runtime.graphs import GraphedSampler
+    from cascade_rt.runtime.cuda_graphs import GraphedSampler
     from cascade_rt.sampling import sample_stage
 
     out, ok = {}, True
@@ -148,7 +148,7 @@ def check_graphs_equal(presets: list[str]) -> dict[str, Any]:
 
 def check_addresses() -> dict[str, Any]:
     from cascade_rt.models import build_model
-    from cascade_rt.runtime.graphs import GraphedSampler
+    from cascade_rt.runtime.cuda_graphs import GraphedSampler
 
     model = build_model("stage_c_tiny", device=DEVICE, dtype=torch.bfloat16, seed=0)
     x, cond, uncond = stage_inputs(model, "c", 2, 1024)
@@ -172,7 +172,7 @@ def check_addresses() -> dict[str, Any]:
 def check_backends() -> dict[str, Any]:
     from cascade_rt.models import build_model
     from cascade_rt.runtime import BuildContext, available_backends, build_runner
-    from cascade_rt.runtime.graphs import GraphedSampler
+    from cascade_rt.runtime.cuda_graphs import GraphedSampler
     from cascade_rt.sampling import sample_stage
 
     out, ok = {}, True
@@ -206,7 +206,7 @@ def check_backends() -> dict[str, Any]:
 
 def check_step_timing(presets: list[str]) -> dict[str, Any]:
     from cascade_rt.models import build_model
-    from cascade_rt.runtime.graphs import GraphedSampler
+    from cascade_rt.runtime.cuda_graphs import GraphedSampler
     from cascade_rt.sampling import build_plan, run_plan
 
     out = {}

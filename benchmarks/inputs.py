@@ -13,12 +13,11 @@ import torch
 from torch import Tensor, nn
 
 from cascade_rt.benchmarks.workloads import Case
+from cascade_rt.stages import latent_shape
 
 
 def latent_hw(stage: str, height: int, width: int) -> tuple[int, int]:
     """Spatial size of a stage's latent ("c": Stage C, "b"/"a": Stage B and A), from the stage specs."""
-    from cascade_rt.stages import latent_shape
-
     return tuple(latent_shape(stage, 1, height, width)[-2:])  # type: ignore[return-value]
 
 
@@ -41,9 +40,9 @@ def conditioning_dims(stage_c: nn.Module, stage_b: nn.Module) -> dict[str, int]:
         "text": stage_c.clip_txt_mapper.in_features,
         "pooled": stage_c.clip_txt_pooled_mapper.in_features,
         "image": stage_c.clip_img_mapper.in_features,
-        "c_in_c": stage_c.embedding[1].in_channels,
+        "c_in_c": stage_c.c_in,
         "b_pooled": stage_b.clip_mapper.in_features,
-        "c_in_b": stage_b.embedding[1].in_channels // (stage_b.patch_size**2),
+        "c_in_b": stage_b.c_in,
     }
 
 

@@ -15,12 +15,17 @@ from __future__ import annotations
 
 import contextlib
 import io
+import shutil
+from dataclasses import replace
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
+from cascade_rt.diffusers_format import full_kwargs, kwargs_to_config, to_diffusers
 from cascade_rt.errors import BackendUnavailable
+from cascade_rt.models import get_preset
+from cascade_rt.runtime.backends import build_runner
 
 PEERS = {
     "diffusers": "diffusers 0.35 StableCascadeUNet / PaellaVQModel, eager, same weights (converted)",
@@ -66,9 +71,6 @@ def _diffusers_classes() -> tuple[type, type]:
 
 def build_diffusers(stage: str, preset: str, model: nn.Module, *, compile: bool = False) -> DiffusersRunner:
     """The diffusers twin of our `model` (same weights), on the same device and dtype."""
-    from cascade_rt.diffusers_format import full_kwargs, kwargs_to_config, to_diffusers
-    from cascade_rt.models import get_preset
-
     unet_cls, vq_cls = _diffusers_classes()
     p = get_preset(preset)
     config = {k: v for k, v in kwargs_to_config(stage, full_kwargs(p.cls, p.kwargs)).items() if not k.startswith("_")}
@@ -98,9 +100,7 @@ def build_max_autotune(stage: str, model: nn.Module, ctx: Any) -> Any:
             "torch.compile max-autotune is GPU-only here: on a CPU Inductor has no GEMM templates to autotune, so "
             "it would measure the default mode again (the 'compile' row) at a much longer compile time"
         )
-    from dataclasses import replace
 
-    from cascade_rt.runtime.backends import build_runner
 
     return build_runner(stage, model, "compile", replace(ctx, compile_mode="max-autotune"))
 
@@ -118,6 +118,4 @@ def build_peer(name: str, stage: str, preset: str, model: nn.Module, ctx: Any) -
 
 
 def _has_cxx() -> bool:
-    import shutil
-
     return any(shutil.which(c) for c in ("c++", "g++", "clang++"))

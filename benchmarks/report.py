@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from cascade_rt.benchmarks.metrics import as_float
+from cascade_rt.stages import STAGES
 
 RANDOM_WEIGHTS_NOTE = (
     "**Random weights.** Every model here has random (seeded) weights: the timings are those of the real "
@@ -114,7 +115,7 @@ def header_lines(results: dict[str, Any]) -> list[str]:
 def case_title(case: dict[str, Any]) -> str:
     c, b = case["stage_c"], case["stage_b"]
     b_cfg = f"cfg {b['cfg']:g}" if b["cfg"] > 0 and b["cfg"] != 1 else "no CFG"
-    presets = "/".join(case["presets"][s] for s in "cba")
+    presets = "/".join(case["presets"][s] for s in STAGES)
     return (
         f"### {case['key']}: {case['width']}×{case['height']}, batch {case['batch']}, {presets}; "
         f"Stage C {c['steps']} steps cfg {c['cfg']:g} shift {c['shift']:g}, Stage B {b['steps']} steps {b_cfg}, "

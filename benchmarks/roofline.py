@@ -23,9 +23,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
+from cascade_rt.benchmarks.inputs import conditioning_dims, latent_hw
 from cascade_rt.benchmarks.workloads import Case
 from cascade_rt.models import build_model
-
 
 NO_WRITE_OPS = ("_unsafe_view.default", "detach.default", "alias.default", "lift_fresh.default")
 
@@ -71,8 +71,6 @@ def model_bytes(model: torch.nn.Module) -> int:
 @torch.no_grad()
 def _stage_cost(stage: str, preset: str, pooled_preset: str, height: int, width: int, dtype: torch.dtype) -> dict:
     """Cost of one model call of `stage` at batch 1 (every op is per sample, so costs scale with the batch)."""
-    from cascade_rt.benchmarks.inputs import conditioning_dims, latent_hw
-
     model = build_model(preset, device="meta", dtype=dtype)
     meta, n = dict(device="meta"), 1
     if stage == "c":
@@ -87,7 +85,7 @@ def _stage_cost(stage: str, preset: str, pooled_preset: str, height: int, width:
         hw = latent_hw("b", height, width)
         effnet = torch.zeros(n, model.effnet_mapper[0].in_channels, *latent_hw("c", height, width), **meta)
         cond = model.prepare_conditioning(effnet, torch.zeros(n, 1, model.clip_mapper.in_features, **meta), latent_hw=hw)
-        x = torch.zeros(n, model.embedding[1].in_channels // model.patch_size**2, *hw, **meta)
+        x = torch.zeros(n, model.c_in, *hw, **meta)
         fn = lambda: model.denoise(x, torch.full((n,), 0.5, **meta), **cond)  # noqa: E731
     else:
         x = torch.zeros(n, model.c_latent, *latent_hw("a", height, width), **meta)

@@ -27,6 +27,7 @@ from cascade_rt.benchmarks.harness import StageSet, run_once
 from cascade_rt.benchmarks.inputs import make_inputs
 from cascade_rt.benchmarks.workloads import Case, Workload
 from cascade_rt.errors import BackendUnavailable, ConfigError
+from cascade_rt.runtime.backends import BuildContext
 
 logger = logging.getLogger(__name__)
 
@@ -156,8 +157,6 @@ def run_workload(
 ) -> BenchmarkRun:
     """Every case of `workload` x every combination; eager first (the reference). `header`: environment etc.
     `interleave` None: round robin on a CPU, sequential on a GPU."""
-    from cascade_rt.runtime.backends import BuildContext
-
     dtype = DTYPES[workload.dtype]
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("this workload runs on a CUDA GPU and none is visible; use --workload tiny (CPU)")

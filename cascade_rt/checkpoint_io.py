@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from cascade_rt.errors import WeightsError
 
@@ -158,8 +159,6 @@ class ShardedSource(TensorSource):
         self._handles: dict[int, object] = {}
 
     def get(self, key: str) -> torch.Tensor:
-        from safetensors import SafetensorError, safe_open
-
         i = self._where[key]
         try:
             if i not in self._handles:

@@ -2,7 +2,8 @@
 
 Each command module defines `register(subparsers)`, which adds its parser and sets `func=handler`
 (a callable taking the parsed namespace and returning an exit code). Adding a command = adding a module
-here; this file never grows with command logic.
+here; this file never grows with command logic. Command modules import torch, the runtime and the export layer
+inside their handlers, so that building the parser (`cascade-rt --help`) does not import torch.
 """
 
 from __future__ import annotations

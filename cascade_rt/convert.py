@@ -18,8 +18,8 @@ import torch
 
 from cascade_rt.checkpoint_io import MappedSource, ShardedSource, write_safetensors
 from cascade_rt.diffusers_format import (
-    DIFFUSERS_FOLDERS,
     DEFAULT_SHARD_BYTES,
+    DIFFUSERS_FOLDERS,
     config_to_kwargs,
     from_diffusers_plan,
     full_kwargs,

@@ -17,7 +17,8 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,34 @@ class CascadeOutput:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
 
 
+@dataclass
+class PromptEmbeds:
+    """The text phase's output: CLIP embeddings of the prompts and negative prompts, on the pipeline's device."""
+
+    text: Tensor  # (B, 77, c_text)
+    pooled: Tensor  # (B, 1, c_pooled)
+    u_text: Tensor  # the negative prompts'
+    u_pooled: Tensor
+    clip_img: Tensor  # (B, 1, c_img): zeros for text-to-image, the CLIP image embedding for a variation
+    u_clip_img: Tensor
+
+
+class WallTimer:
+    """Seconds per named section into `timings`, waiting for the current stream at each section's end (what
+    `CascadeOutput.timings` reports). Any object with a `section(name)` context manager can stand in for it
+    (the benchmarks time the same phases with CUDA events)."""
+
+    def __init__(self, timings: dict[str, float], synchronize: Callable[[], None]) -> None:
+        self.timings, self._synchronize = timings, synchronize
+
+    @contextmanager
+    def section(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        self._synchronize()
+        self.timings[name] = time.perf_counter() - t0
+
+
 class StableCascadePipeline:
     def __init__(
         self,
@@ -120,7 +149,6 @@ class StableCascadePipeline:
         self.dtypes = {"c": _dtype(stage_c), "b": _dtype(stage_b), "a": _dtype(stage_a)}
         check_dtypes(self.dtypes)
         self.device = next(_module(stage_c).parameters()).device
-        self.c_clip_img = _module(stage_c).clip_img_mapper.in_features
 
     @classmethod
     def from_pretrained(
@@ -162,12 +190,6 @@ class StableCascadePipeline:
         the throughput runner times Stage B/A on one stream while Stage C of the next batch runs on another."""
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
-
-    def encode_prompts(self, prompts: list[str], negatives: list[str]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(text, pooled, uncond text, uncond pooled) on the pipeline's device; repeated prompts encode once."""
-        text, pooled = self._encode_text(prompts)
-        u_text, u_pooled = self._encode_text(negatives)
-        return text, pooled, u_text, u_pooled
 
     def _encode_text(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         unique = list(dict.fromkeys(prompts))
@@ -250,82 +272,89 @@ class StableCascadePipeline:
         gen = torch.Generator("cpu").manual_seed(seed)
         shapes = latent_shapes(batch, height, width)
         timings: dict[str, float] = {}
+        timer = WallTimer(timings, self.synchronize)
 
-        t0 = time.perf_counter()
-        text, pooled, u_text, u_pooled = self.encode_prompts(prompts, negatives)
-        clip_img = torch.zeros(batch, 1, self.c_clip_img, device=self.device)
-        u_clip_img = clip_img
-        if clip_image is not None:
-            if self.image_encoder is None:
-                raise ConfigError("image variation needs an image encoder (CLIP ViT-L/14); this pipeline has none")
-            clip_img = self._expand(self.image_encoder.encode(from_pil(clip_image).to(self.device)), batch)
-        self.synchronize()
-        timings["text"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
         steps, t_start = steps_c, 1.0
         if image is not None:
             if not 0.0 < strength <= 1.0:
                 raise ConfigError(f"strength must be in (0, 1], got {strength}")
-            effnet_latent = self._expand(self._effnet_latent(from_pil(image), shapes["c"][-2:]), batch)
             steps, t_start = int(steps_c * strength), strength
             if steps < 1:
                 raise ConfigError(f"steps_c * strength = {steps_c} * {strength} gives no Stage C step; raise either")
+
+        embeds = self.encode(prompts, negatives, clip_image=clip_image, timer=timer)
+        if image is not None:
+            with timer.section("effnet"):
+                effnet_latent = self._expand(self._effnet_latent(from_pil(image), shapes["c"][-2:]), batch)
             x_c = diffuse(effnet_latent, t_start, torch.randn(effnet_latent.shape, generator=gen).to(self.device))
         else:
             x_c = self.initial_latent(latents_c, shapes["c"], gen, "latents_c")
-        latent_c = self.sample_stage_c(x_c, text, pooled, u_text, u_pooled, clip_img, u_clip_img, steps=steps,
-                                       cfg=cfg_c, shift=shift_c, t_start=t_start, gen=gen, progress=progress)
-        self.synchronize()
-        timings["stage_c"] = time.perf_counter() - t0
+        latent_c = self.prior(embeds, x_c, steps=steps, cfg=cfg_c, shift=shift_c, t_start=t_start, gen=gen,
+                              progress=progress, timer=timer)  # fmt: skip
 
         previews = None
         if preview:
             if self.previewer is None:
                 raise ConfigError("preview=True needs a previewer model; this pipeline has none")
-            t0 = time.perf_counter()
-            previews = to_pil(self.previewer(latent_c).float().clamp(0, 1))
-            timings["previewer"] = time.perf_counter() - t0
+            with timer.section("previewer"):
+                previews = to_pil(self.previewer(latent_c).float().clamp(0, 1))
 
         x_b = self.initial_latent(latents_b, shapes["b"], gen, "latents_b")
-        pixels, latent_b = self.stage_b_then_a(latent_c, pooled, u_pooled, x_b, steps=steps_b, cfg=cfg_b,
-                                               shift=shift_b, gen=gen, progress=progress, timings=timings)
+        pixels, latent_b = self.decoder(latent_c, embeds.pooled, embeds.u_pooled, x_b, steps=steps_b, cfg=cfg_b,
+                                        shift=shift_b, gen=gen, progress=progress, timer=timer)  # fmt: skip
         return CascadeOutput(to_pil(pixels), pixels, latent_c, latent_b, seed, previews, timings)
 
-    def sample_stage_c(
-        self, x_c: Tensor, text: Tensor, pooled: Tensor, u_text: Tensor, u_pooled: Tensor, clip_img: Tensor,
-        u_clip_img: Tensor, *, steps: int, cfg: float | None, shift: float, gen: torch.Generator,
-        t_start: float = 1.0, progress: Progress | None = None,
+    # ------------------------------------------------------------------------------------------ phases
+    # Text-to-image is encode -> prior -> decoder. The throughput runner and the benchmarks call these same
+    # phases (with their own timer), so what they time is what a user runs.
+    def encode(
+        self, prompts: list[str], negatives: list[str], *, clip_image: Any = None, timer: Any = None
+    ) -> PromptEmbeds:
+        """Text phase (section "text"): CLIP text embeddings of the prompts and negatives (repeated prompts encode
+        once), and the image-variation embedding of `clip_image` (zeros without one, and always for uncond)."""
+        with timer.section("text") if timer is not None else nullcontext():
+            text, pooled = self._encode_text(prompts)
+            u_text, u_pooled = self._encode_text(negatives)
+            clip_img = torch.zeros(len(prompts), 1, _module(self.stage_c).clip_img_mapper.in_features,
+                                   device=self.device)  # fmt: skip
+            u_clip_img = clip_img
+            if clip_image is not None:
+                if self.image_encoder is None:
+                    raise ConfigError("image variation needs an image encoder (CLIP ViT-L/14); this pipeline has none")
+                encoded = self.image_encoder.encode(from_pil(clip_image).to(self.device))
+                clip_img = self._expand(encoded, len(prompts))
+        return PromptEmbeds(text, pooled, u_text, u_pooled, clip_img, u_clip_img)
+
+    def prior(
+        self, embeds: PromptEmbeds, x_c: Tensor, *, steps: int, cfg: float | None, shift: float,
+        gen: torch.Generator, t_start: float = 1.0, progress: Progress | None = None, timer: Any = None,
     ) -> Tensor:  # fmt: skip
-        """Stage C: conditioning once (uncond only with CFG), then the GDF loop from `x_c` at `t_start`."""
-        cond = self.stage_c.prepare_conditioning(text, pooled, clip_img)
-        uncond = self.stage_c.prepare_conditioning(u_text, u_pooled, u_clip_img) if cfg is not None else None
-        latent_c = self.samplers["c"](
-            lambda x, r, **kw: self.stage_c.denoise(x, r, **kw), x_c, cond, uncond, steps=steps, cfg=cfg,
-            shift=shift, t_start=t_start, generator=gen, callback=self._sampler_callback("c", steps, progress),
-            mode=self.mode,
-        )  # fmt: skip
-        check_finite(latent_c, "c")
+        """Stage C phase (section "stage_c"): conditioning once (uncond only with CFG), then the GDF loop from
+        `x_c` at `t_start`. Returns Stage C's latent (fp32), checked finite."""
+        with timer.section("stage_c") if timer is not None else nullcontext():
+            e = embeds
+            cond = self.stage_c.prepare_conditioning(e.text, e.pooled, e.clip_img)
+            uncond = self.stage_c.prepare_conditioning(e.u_text, e.u_pooled, e.u_clip_img) if cfg is not None else None
+            latent_c = self.samplers["c"](
+                lambda x, r, **kw: self.stage_c.denoise(x, r, **kw), x_c, cond, uncond, steps=steps, cfg=cfg,
+                shift=shift, t_start=t_start, generator=gen, callback=self._sampler_callback("c", steps, progress),
+                mode=self.mode,
+            )  # fmt: skip
+            check_finite(latent_c, "c")
         return latent_c
 
-    def stage_b_then_a(
+    def decoder(
         self, effnet: Tensor, pooled: Tensor, u_pooled: Tensor | None, x_b: Tensor, *, steps: int,
-        cfg: float | None, shift: float, gen: torch.Generator, progress: Progress | None = None,
-        timings: dict[str, float] | None = None,
+        cfg: float | None, shift: float, gen: torch.Generator, progress: Progress | None = None, timer: Any = None,
     ) -> tuple[Tensor, Tensor]:  # fmt: skip
-        """Stage B sampling from `x_b` conditioned on `effnet` (Stage C's latent, or EffNet's for reconstruction),
-        then the Stage A decode: (pixels in [0, 1], Stage B latent). Each is timed into `timings` when given
-        (synchronising the current stream). Shared by generation, reconstruction and the throughput runner."""
-        timings = {} if timings is None else timings
-        t0 = time.perf_counter()
-        latent_b = self._run_stage_b(effnet, pooled, u_pooled, x_b, steps=steps, cfg=cfg, shift=shift,
-                                     gen=gen, progress=progress)  # fmt: skip
-        self.synchronize()
-        timings["stage_b"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        pixels = self._decode(latent_b)
-        self.synchronize()
-        timings["stage_a"] = time.perf_counter() - t0
+        """Stage B + A phase (sections "stage_b", "stage_a"): Stage B sampling from `x_b` conditioned on `effnet`
+        (Stage C's latent, or EffNet's for reconstruction), then the Stage A decode. Returns (pixels in [0, 1],
+        Stage B latent), each checked finite."""
+        with timer.section("stage_b") if timer is not None else nullcontext():
+            latent_b = self._run_stage_b(effnet, pooled, u_pooled, x_b, steps=steps, cfg=cfg, shift=shift,
+                                         gen=gen, progress=progress)  # fmt: skip
+        with timer.section("stage_a") if timer is not None else nullcontext():
+            pixels = self._decode(latent_b)
         return pixels, latent_b
 
     @torch.inference_mode()
@@ -349,16 +378,16 @@ class StableCascadePipeline:
         seed = random.randrange(2**63) if seed is None else int(seed)
         gen = torch.Generator("cpu").manual_seed(seed)
         timings: dict[str, float] = {}
-        t0 = time.perf_counter()
-        small = [int(s * 0.75) // 32 * 32 for s in (height, width)]
-        effnet_latent = self._effnet_latent(pixels_in, None, size=small)
-        pooled, u_pooled = self._encode_text([prompt] * pixels_in.shape[0])[1], None
-        if cfg_b is not None:
-            u_pooled = self._encode_text([""] * pixels_in.shape[0])[1]
-        timings["effnet"] = time.perf_counter() - t0
+        timer = WallTimer(timings, self.synchronize)
+        with timer.section("effnet"):
+            small = [int(s * 0.75) // 32 * 32 for s in (height, width)]
+            effnet_latent = self._effnet_latent(pixels_in, None, size=small)
+            pooled, u_pooled = self._encode_text([prompt] * pixels_in.shape[0])[1], None
+            if cfg_b is not None:
+                u_pooled = self._encode_text([""] * pixels_in.shape[0])[1]
         x_b = self.initial_latent(None, latent_shapes(pixels_in.shape[0], int(height), int(width))["b"], gen, "latents_b")
-        pixels, latent_b = self.stage_b_then_a(effnet_latent, pooled, u_pooled, x_b, steps=steps_b, cfg=cfg_b,
-                                               shift=shift_b, gen=gen, progress=progress, timings=timings)
+        pixels, latent_b = self.decoder(effnet_latent, pooled, u_pooled, x_b, steps=steps_b, cfg=cfg_b,
+                                        shift=shift_b, gen=gen, progress=progress, timer=timer)  # fmt: skip
         return CascadeOutput(to_pil(pixels), pixels, None, latent_b, seed, None, timings)
 
     def _effnet_latent(

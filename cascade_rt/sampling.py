@@ -201,16 +201,22 @@ def build_plan(
 # --- step pieces ---------------------------------------------------------------------------------------------
 
 
-def cfg_combine(pred_c: Tensor, pred_u: Tensor, cfg: float, rho: float = 0.7) -> Tensor:
+def cfg_combine(
+    pred_c: Tensor, pred_u: Tensor, cfg: float | Tensor, rho: float | Tensor = 0.7, one_minus_rho: float | Tensor | None = None
+) -> Tensor:
     """Official CFG: lerp(uncond, cond, cfg), then rescale towards the std of the conditional prediction.
 
     std is `torch.std` (unbiased) over ALL elements of the conditional half-batch: one scalar per call.
+    `cfg`/`rho` may be 0-d device tensors (a CUDA graph changes them by copy); then `one_minus_rho` is given too
+    (computed on the host, as the float path does) and the rescale always runs (rho = 0 leaves pred_cfg as is).
     """
     pred_cfg = torch.lerp(pred_u, pred_c, cfg)
-    if rho <= 0:
-        return pred_cfg
+    if not isinstance(rho, Tensor):
+        if rho <= 0:
+            return pred_cfg
+        one_minus_rho = 1 - rho
     std_c, std_cfg = pred_c.std(), pred_cfg.std()
-    return rho * (pred_cfg * std_c / (std_cfg + 1e-9)) + pred_cfg * (1 - rho)
+    return rho * (pred_cfg * std_c / (std_cfg + 1e-9)) + pred_cfg * one_minus_rho
 
 
 def ddim_step(x: Tensor, eps: Tensor, c: StepCoeffs, noise: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -250,6 +256,29 @@ def concat_conditioning(cond: Any, uncond: Any) -> Any:
     )
 
 
+def sampler_step(
+    model: Model,
+    x: Tensor,
+    c: StepCoeffs,
+    inputs: Mapping[str, Any],
+    *,
+    cfg: float | Tensor | None,
+    rho: float | Tensor = 0.7,
+    one_minus_rho: float | Tensor | None = None,
+    noise: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One denoising step: the model (one call on [x; x] with the batched [cond; uncond] `inputs` when `cfg` is
+    given), CFG + rescale, the GDF update. Returns (x_next, x0). The eager loop (`run_plan`) and the CUDA-graph
+    step (`cascade_rt.runtime.cuda_graphs.StaticStep`, with cfg/rho as device tensors) both run this function."""
+    n = x.shape[0]
+    if cfg is not None:
+        pred_c, pred_u = model(torch.cat([x, x], dim=0), c.r.expand(2 * n), **inputs).float().chunk(2)
+        eps = cfg_combine(pred_c, pred_u, cfg, rho, one_minus_rho)
+    else:
+        eps = model(x, c.r.expand(n), **inputs).float()
+    return ddim_step(x, eps, c, noise)
+
+
 # --- the loop ------------------------------------------------------------------------------------------------
 
 
@@ -271,17 +300,10 @@ def run_plan(
     if plan.mode == "diffusers":
         use_cfg, cfg_rho = use_cfg and cfg > 1, 0.0
     inputs = concat_conditioning(dict(cond), dict(uncond)) if use_cfg else dict(cond)
-    n = x.shape[0]
     x0 = x
     for i in range(plan.steps):
-        c = plan.coeffs(i)
-        if use_cfg:
-            pred_c, pred_u = model(torch.cat([x, x], dim=0), c.r.expand(2 * n), **inputs).float().chunk(2)
-            eps = cfg_combine(pred_c, pred_u, cfg, cfg_rho)
-        else:
-            eps = model(x, c.r.expand(n), **inputs).float()
         noise = draw_noise(x, generator) if plan.stochastic else None
-        x, x0 = ddim_step(x, eps, c, noise)
+        x, x0 = sampler_step(model, x, plan.coeffs(i), inputs, cfg=cfg if use_cfg else None, rho=cfg_rho, noise=noise)
         if callback is not None:
             callback(i, x0, x)
     return x0 if plan.output == "x0" else x

@@ -38,7 +38,7 @@ from cascade_rt.diffusers_format import (
 )
 from cascade_rt.errors import WeightsError
 from cascade_rt.models.presets import PRESETS, Preset, build_model, get_preset
-from cascade_rt.stages import COMPONENTS, MODEL_SETS, TITLES
+from cascade_rt.stages import COMPONENTS, MODEL_SETS, STAGES, TITLES
 
 __all__ = [
     "Identity", "identify", "check_compatible", "load_stage", "load_weights_into", "open_checkpoint",
@@ -234,6 +234,7 @@ def load_stage(
         else:
             with torch.device("meta"):
                 model = get_preset(DEFAULT_PRESET[stage]).cls(**kwargs)
+            model.preset = identify(source_shapes(source)).preset  # a released size, or None (custom)
         if stage == "a":
             model.scale_factor = kwargs["scale_factor"]  # decode(x) multiplies by it, as the diffusers pipeline does
         what = f"preset '{preset.name}'" if preset else f"the model built from {path / 'config.json'}"
@@ -347,7 +348,7 @@ def load_pipeline_models(
     dtype: torch.dtype | Mapping[str, torch.dtype] = torch.bfloat16,
     device: str | torch.device = "cpu",
     stages: Iterable[str] = COMPONENTS,
-    required: Iterable[str] = ("c", "b", "a"),
+    required: Iterable[str] = STAGES,
     presets: Mapping[str, str] | None = None,
     layout: str = "auto",
 ) -> dict[str, nn.Module]:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from cascade_rt.errors import EngineError
 from cascade_rt.export.engine import check_inputs, named_inputs
-from cascade_rt.export.graphs import stage_graph
+from cascade_rt.export.graph_modules import stage_graph
 from cascade_rt.export.manifest import Manifest
 from cascade_rt.export.onnx_export import example_dims, export_dynamic_shapes, heartbeat, model_precision
 from cascade_rt.export.specs import Dims, StageSpec

@@ -18,12 +18,16 @@ import torch
 from torch import nn
 
 from cascade_rt.errors import BackendUnavailable, ConfigError
-from cascade_rt.export.graphs import run_graph, stage_graph
+from cascade_rt.export.aoti_engine import compile_aoti
+from cascade_rt.export.graph_modules import run_graph, stage_graph
 from cascade_rt.export.manifest import Manifest, device_info, library_versions
-from cascade_rt.export.specs import CFG_STAGES, GRAPH_COMPONENT, PRECISIONS, STAGES, Dims, StageSpec, make_spec
+from cascade_rt.export.onnx_export import export_onnx
+from cascade_rt.export.opener import open_engine_files
+from cascade_rt.export.specs import CFG_STAGES, GRAPH_COMPONENT, GRAPHS, PRECISIONS, Dims, StageSpec, make_spec
+from cascade_rt.export.validate import validate
+from cascade_rt.models.presets import build_model, get_preset
 from cascade_rt.models.text import build_text_encoder
 from cascade_rt.stages import MODEL_SETS, TEXT_PRESETS
-from cascade_rt.export.validate import validate
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +47,8 @@ class EngineRequest:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        if self.stage not in STAGES:
-            raise ConfigError(f"unknown stage {self.stage!r}; choose one of {', '.join(STAGES)}")
+        if self.stage not in GRAPHS:
+            raise ConfigError(f"unknown stage {self.stage!r}; choose one of {', '.join(GRAPHS)}")
         if self.format not in FORMATS:
             raise ConfigError(f"unknown engine format {self.format!r}; choose one of {', '.join(FORMATS)}")
         if self.precision not in PRECISIONS:
@@ -77,7 +81,6 @@ def resolve_preset(group_or_name: str, stage: str) -> str:
         if group_or_name not in TEXT_PRESETS:
             raise ConfigError(f"text encoder preset must be one of {TEXT_PRESETS}, got {group_or_name!r}")
         return group_or_name
-    from cascade_rt.models.presets import get_preset
 
     if get_preset(group_or_name).stage != family:
         raise ConfigError(f"preset {group_or_name!r} is not a {family!r} model (stage {stage})")
@@ -89,7 +92,6 @@ def random_model(preset: str, precision: str, seed: int = 0, device: str = "meta
     dtype = PRECISIONS[precision]
     if preset in TEXT_PRESETS:
         return build_text_encoder(preset, device=device, dtype=dtype, seed=seed)
-    from cascade_rt.models.presets import build_model
 
     return build_model(preset, device=device, dtype=dtype, seed=None if device == "meta" else seed)
 
@@ -167,14 +169,10 @@ def build_files(
     out = workdir / request.engine_file
     start = time.perf_counter()
     if request.format in ("onnx", "onnxruntime"):
-        from cascade_rt.export.onnx_export import export_onnx
-
         result = export_onnx(model, spec, out, dims=request.dims, dynamic=request.dynamic, opset=options.get("opset"))
         files = [f.name for f in result.files]
         manifest.build.update(opset=result.opset, external_data=result.external_data, ops=result.ops)
     elif request.format == "aoti":
-        from cascade_rt.export.aoti_engine import compile_aoti
-
         compile_aoti(model, spec, out, dims=request.dims, dynamic=request.dynamic, device=request.device)
         files = [out.name]
     else:
@@ -194,8 +192,6 @@ def build_files(
 def validate_built(
     request: EngineRequest, spec: StageSpec, model: nn.Module, workdir: Path, manifest: Manifest, options: dict
 ) -> dict[str, Any]:
-    from cascade_rt.export.engine import open_engine_files
-
     try:
         engine = open_engine_files(workdir, manifest, device=request.device, options=options)
     except BackendUnavailable as exc:  # e.g. a bf16 ONNX graph on a machine with only ORT's CPU provider

@@ -27,9 +27,10 @@ from torch import nn
 
 from cascade_rt.errors import CascadeError, EngineError
 from cascade_rt.export.build import EngineRequest, base_manifest, build_files, run_validation, spec_for
-from cascade_rt.export.engine import Engine, open_engine_files
+from cascade_rt.export.engine import Engine
 from cascade_rt.export.manifest import MANIFEST_SUFFIX, Manifest, fsync_dir
-from cascade_rt.export.specs import StageSpec
+from cascade_rt.export.opener import open_engine_files
+from cascade_rt.export.specs import Dims, StageSpec, make_spec
 from cascade_rt.export.validate import raise_if_failed
 
 logger = logging.getLogger(__name__)
@@ -104,8 +105,6 @@ class EngineCache:
         if not force:
             spec = None
             if built is not None:
-                from cascade_rt.export.specs import make_spec
-
                 spec = make_spec(request.stage, built, request.preset)
             reasons = self.problems(request, spec)
             if not reasons:
@@ -208,8 +207,6 @@ class EngineCache:
 
 
 def request_of(m: Manifest) -> EngineRequest:
-    from cascade_rt.export.specs import Dims
-
     return EngineRequest(
         stage=m.stage, preset=m.preset, format=m.format, precision=m.precision, weights_hash=m.weights_hash,
         dims=Dims(**m.dims), dynamic=m.dynamic, device="cuda" if m.device.get("type") == "cuda" else "cpu",

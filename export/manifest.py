@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 MANIFEST_VERSION = 1
 MANIFEST_SUFFIX = ".json"
 
@@ -54,8 +56,6 @@ def cpu_name() -> str:
 
 def device_info(device: str = "cpu") -> dict[str, Any]:
     """{'type', 'name', 'compute_capability'} of the device an engine is built for."""
-    import torch
-
     dev = torch.device(device)
     if dev.type == "cuda":
         idx = dev.index if dev.index is not None else torch.cuda.current_device()

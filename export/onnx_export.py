@@ -27,9 +27,10 @@ from pathlib import Path
 import onnx
 import torch
 from torch import nn
+from torch.export import Dim
 
 from cascade_rt.errors import ConfigError, EngineError
-from cascade_rt.export.graphs import stage_graph
+from cascade_rt.export.graph_modules import stage_graph
 from cascade_rt.export.specs import BATCH_MAX, Dims, StageSpec, parse_dim
 from cascade_rt.stages import RESOLUTION_MAX, RESOLUTION_MIN, RESOLUTION_STEP, stage_c_latent_hw
 
@@ -68,8 +69,6 @@ def model_precision(model: nn.Module) -> str:
 def export_dynamic_shapes(spec: StageSpec) -> tuple[dict[int, object], ...]:
     """torch.export dims for every symbolic input axis, in input order. Image-sized axes are multiples of 128 px, so the
     Stage B/A latent is 32*k and x_add 16*k for one shared k per side (Stage B's 3 stride-2 levels stay exact)."""
-    from torch.export import Dim
-
     k_lo, k_hi = RESOLUTION_MIN // RESOLUTION_STEP, RESOLUTION_MAX // RESOLUTION_STEP
     c_lo, c_hi = stage_c_latent_hw(RESOLUTION_MIN, 1)[0], stage_c_latent_hw(RESOLUTION_MAX, 1)[0]
     roots = {

@@ -6,7 +6,9 @@ keeps, so `cascade-rt engines verify` can rebuild the same eager model (`model_f
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +17,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from cascade_rt.checkpoint_io import weights_hash
 from cascade_rt.errors import ConfigError, WeightsError
 from cascade_rt.export.build import random_model
 from cascade_rt.export.manifest import Manifest
 from cascade_rt.export.specs import GRAPH_COMPONENT, PRECISIONS
+from cascade_rt.models.text import TextEncoder
+from cascade_rt.weights import find_text_encoder, find_weights, load_stage
 
 logger = logging.getLogger(__name__)
 
@@ -51,22 +56,14 @@ def random_source(stage: str, preset: str, precision: str, seed: int = 0) -> Sou
 
 def weights_source(stage: str, weights_dir: str | Path, precision: str, *, lite: bool = False) -> Source:
     """The stage's checkpoint from an official (or diffusers-layout) weights folder."""
-    from cascade_rt.checkpoint_io import weights_hash
-    from cascade_rt.export.engines import preset_of
-
     family, dtype = GRAPH_COMPONENT[stage], PRECISIONS[precision]
     if family == "text":
-        from cascade_rt.models.text import TextEncoder
-        from cascade_rt.weights import find_text_encoder
-
         path = find_text_encoder(weights_dir)
         if path is None:
             raise WeightsError(f"no text_encoder/ folder (HF layout) in {weights_dir}: download it or pick stages")
         model = TextEncoder.from_pretrained(path, dtype=dtype)
         preset = "text" if model.config.width == 1280 else "text_custom"
     else:
-        from cascade_rt.weights import find_weights, load_stage
-
         found = find_weights(weights_dir, lite=lite, dtype=dtype)
         if family not in found:
             raise WeightsError(f"no {family!r} checkpoint in {weights_dir} (lite={lite})")
@@ -82,16 +79,30 @@ def model_from_manifest(m: Manifest) -> nn.Module:
     if "random_seed" in src:
         return random_model(m.preset, m.precision, seed=int(src["random_seed"]), device="cpu")
     if "weights" in src:
-        from cascade_rt.checkpoint_io import weights_hash
-
         path = Path(src["weights"])
         if not path.exists() or weights_hash(path) != m.weights_hash:
             raise WeightsError(f"the weights this engine was built from ({path}) are missing or changed")
         if GRAPH_COMPONENT[m.stage] == "text":
-            from cascade_rt.models.text import TextEncoder
-
             return TextEncoder.from_pretrained(path, dtype=PRECISIONS[m.precision])
-        from cascade_rt.weights import load_stage
 
         return load_stage(GRAPH_COMPONENT[m.stage], path, dtype=PRECISIONS[m.precision])
     raise ConfigError("the manifest does not say which weights the engine was built from")
+
+
+def _signature(model: nn.Module) -> tuple:
+    return type(model).__name__, tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
+
+
+@functools.lru_cache(maxsize=None)
+def _preset_signature(preset: str) -> tuple:
+    return _signature(random_model(preset, "fp32", device="meta"))
+
+
+def preset_of(model: nn.Module) -> str:
+    """The preset `model` was built as (`build_model`, `build_text_encoder` and the weight loaders set
+    `model.preset`), if its architecture (state-dict names and shapes) is still that preset's; else
+    'custom-<hash of the architecture>'."""
+    sig, name = _signature(model), getattr(model, "preset", None)
+    if isinstance(name, str) and _preset_signature(name) == sig:
+        return name
+    return "custom-" + hashlib.sha256(json.dumps(sig).encode()).hexdigest()[:10]

@@ -38,7 +38,7 @@ GRAPH_COMPONENT = {
     "text": "text", "stage_c_cond": "c", "stage_c": "c", "stage_b_cond": "b", "stage_b": "b", "stage_a": "a",
     "effnet": "effnet", "previewer": "previewer",
 }  # fmt: skip
-STAGES = tuple(GRAPH_COMPONENT)
+GRAPHS = tuple(GRAPH_COMPONENT)  # every exportable graph (a stage's denoiser, its conditioning, ...)
 CFG_STAGES = ("text", "stage_c_cond", "stage_c", "stage_b_cond", "stage_b")  # CFG doubles their batch
 
 
@@ -55,6 +55,7 @@ FP16_REFUSAL = (
     "Stage B and Stage C overflow in float16 (official models/readme: 'you can not run the models in float16'; "
     "spec 6.1): export them in bf16 or fp32"
 )
+from cascade_rt.models.text import EOS_ID
 
 
 # ------------------------------------------------------------------------------------------ shapes
@@ -272,11 +273,10 @@ def _unet_config(model: torch.nn.Module) -> dict[str, Any]:
     widths = attn_widths(model)
     if not widths:
         raise ConfigError("the model has no attention blocks: nothing to precompute for cond_kv")
-    patch = int(model.embedding[0].downscale_factor)
     return {
-        "c_latent": int(model.embedding[1].in_channels) // patch**2,
-        "patch_size": patch,
-        "c_hidden0": int(model.embedding[1].out_channels),
+        "c_latent": int(model.c_in),
+        "patch_size": int(model.patch_size),
+        "c_hidden0": int(model.c_hidden[0]),
         "n_attn": len(widths),
         "attn_widths": tuple(widths),
         "c_kv": max(widths),  # narrower blocks are zero-padded in the packed tensor (only tiny presets mix widths)
@@ -342,13 +342,11 @@ def make_spec(stage: str, model: torch.nn.Module, preset: str) -> StageSpec:
         return StageSpec(stage, preset, inputs, outputs, config=tuple(cfg.items()))
     if stage == "text":
         return _text_spec(model, preset)
-    raise ConfigError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+    raise ConfigError(f"unknown stage {stage!r}; choose one of {', '.join(GRAPHS)}")
 
 
 def _text_spec(model: torch.nn.Module, preset: str) -> StageSpec:
     """CLIP text tower: token ids + attention mask -> hidden_states[-1] (pre final LN) and the pooled projection."""
-    from cascade_rt.models.text import EOS_ID
-
     config = model.config
     if config.context_length != TEXT_TOKENS:
         raise ConfigError(f"text encoder context length {config.context_length}, the specs assume {TEXT_TOKENS}")

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cast_to, check_shape, check_tensor, interpreting, pick_configs, pruned
+from ._common import cast_to, check_tensor, interpreting, pick_configs, pruned
 
 EPS = 1e-6
 

@@ -13,8 +13,8 @@ from PIL import Image
 from cascade_rt.commands.generate import StageBars
 from cascade_rt.errors import ConfigError, NumericsError
 from cascade_rt.pipeline import StableCascadePipeline, build_random_pipeline
-from cascade_rt.stages import check_resolution, latent_shapes
 from cascade_rt.sampling import diffuse
+from cascade_rt.stages import check_resolution, latent_shapes
 
 FAST = dict(steps_c=3, steps_b=2)  # few steps: the tiny random models exercise every code path anyway
 

@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 
 from cascade_rt.commands.generate import (
-    RANDOM_NOTE, StageBars, add_model_args, load_from_args, save_images, timing_line,
+    RANDOM_NOTE,
+    StageBars,
+    add_model_args,
+    load_from_args,
+    save_images,
+    timing_line,
 )  # fmt: skip
 
 

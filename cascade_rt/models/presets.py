@@ -99,6 +99,7 @@ def build_model(
                 model = preset.cls(**preset.kwargs)
                 if torch.device(device).type != "meta":
                     randomize_scales_(model)
+    model.preset = name  # the engine cache names engines by it (cascade_rt.export.loader.preset_of)
     return model.to(dtype).eval().requires_grad_(False)
 
 

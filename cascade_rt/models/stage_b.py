@@ -50,6 +50,7 @@ class StageB(CascadeUNet):
     ) -> None:
         super().__init__()
         self.c_r, self.t_conds, self.c_clip_seq, self.c_pixels = c_r, list(t_conds), c_clip_seq, c_pixels
+        self.c_in, self.c_hidden = c_in, tuple(c_hidden)  # read by export specs
         self.effnet_mapper = _mapper(c_effnet, c_hidden[0])
         self.pixels_mapper = _mapper(c_pixels, c_hidden[0])
         self.clip_mapper = nn.Linear(c_clip, c_cond * c_clip_seq)

@@ -41,6 +41,7 @@ class StageC(CascadeUNet):
     ) -> None:
         super().__init__()
         self.c_r, self.t_conds, self.c_clip_seq = c_r, list(t_conds), c_clip_seq
+        self.c_in, self.patch_size, self.c_hidden = c_in, patch_size, tuple(c_hidden)  # read by export specs
         self.clip_txt_mapper = nn.Linear(c_clip_text, c_cond)
         self.clip_txt_pooled_mapper = nn.Linear(c_clip_text_pooled, c_cond * c_clip_seq)
         self.clip_img_mapper = nn.Linear(c_clip_img, c_cond * c_clip_seq)

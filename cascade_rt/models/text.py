@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from cascade_rt.errors import ConfigError, WeightsError
@@ -206,8 +207,6 @@ def hf_to_open_clip(state: dict[str, Tensor]) -> dict[str, Tensor]:
 def _read_state(path: Path) -> dict[str, Tensor]:
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -318,6 +317,7 @@ class TextEncoder(_ClipTower):
     def __init__(self, config: ClipTextConfig):
         super().__init__()
         self.config = config
+        self.preset = next((name for name in TEXT_PRESETS if text_config(name) == config), None)
         self.tower = _build_text_tower(config)
         self.tokenizer = ClipTokenizer(config.context_length)
 

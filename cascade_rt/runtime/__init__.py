@@ -1,12 +1,13 @@
 """The runtime: per-stage backends, CUDA-graphed sampling, memory modes, batching; `load_pipeline`.
 
-    backends.py    Backend protocol, the BACKENDS registry, parse_backend_spec, available_backends, StageRunner
-    engines.py     onnxruntime / tensorrt / aoti runners over cascade_rt.export engines
-    graphs.py      GraphKey, StaticStep, GraphedSampler (CUDA graphs of the whole denoising step)
-    memory.py      resident / sequential / offload placement, per-stage peaks
-    estimate.py    device-memory estimates on the meta device (the `edge` preset's 8 GB budget)
-    throughput.py  batched requests, Stage B/A of one batch overlapped with Stage C of the next
-    api.py         load_pipeline -> RuntimePipeline
+    runner.py          StageRunner (what the pipeline calls), the Backend protocol, Tolerance, BuildContext
+    backends.py        eager / compile / triton, the BACKENDS registry, parse_backend_spec, available_backends
+    engine_backends.py onnxruntime / tensorrt / aoti runners over cascade_rt.export engines
+    cuda_graphs.py     GraphKey, StaticStep, GraphedSampler (CUDA graphs of the whole denoising step)
+    memory.py          resident / sequential / offload placement, per-stage peaks
+    estimate.py        device-memory estimates on the meta device (the `edge` preset's 8 GB budget)
+    throughput.py      batched requests, Stage B/A of one batch overlapped with Stage C of the next
+    api.py             load_pipeline -> RuntimePipeline
 
 Importing this package imports torch and nothing else heavy; the pipeline-level names load on first use.
 """
@@ -17,23 +18,19 @@ from typing import Any
 
 from cascade_rt.runtime.backends import (
     BACKENDS,
-    STAGES,
-    Backend,
     BackendStatus,
-    BuildContext,
-    StageRunner,
-    Tolerance,
     available_backends,
     build_runner,
     default_backends,
     format_backend_spec,
     get_backend,
     parse_backend_spec,
-    relative_error,
     require_backend,
 )
-from cascade_rt.runtime.graphs import GraphedSampler, GraphKey, StaticStep
+from cascade_rt.runtime.cuda_graphs import GraphedSampler, GraphKey, StaticStep
 from cascade_rt.runtime.memory import MEMORY_MODES, BlockOffloader, MemoryManager, offload_units
+from cascade_rt.runtime.runner import Backend, BuildContext, StageRunner, Tolerance, relative_error
+from cascade_rt.stages import STAGES
 
 _LAZY = {
     "load_pipeline": "cascade_rt.runtime.api",

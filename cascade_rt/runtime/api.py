@@ -23,10 +23,11 @@ import torch
 
 from cascade_rt.errors import ConfigError
 from cascade_rt.pipeline import CascadeOutput, StableCascadePipeline, build_random_pipeline
-from cascade_rt.stages import STAGES, runtime_preset
-from cascade_rt.runtime.backends import BuildContext, StageRunner, build_runner, parse_backend_spec, require_backend
-from cascade_rt.runtime.graphs import GraphedSampler
+from cascade_rt.runtime.backends import build_runner, parse_backend_spec, require_backend
+from cascade_rt.runtime.cuda_graphs import GraphedSampler
 from cascade_rt.runtime.memory import MemoryManager
+from cascade_rt.runtime.runner import BuildContext, StageRunner
+from cascade_rt.stages import STAGES, runtime_preset
 
 logger = logging.getLogger(__name__)
 

@@ -1,154 +1,39 @@
-"""Backends: how a stage's eager model becomes the stage runner the pipeline calls.
+"""Backends: how a stage's eager model becomes the stage runner the pipeline calls (`runner.py`).
 
-A *stage runner* has the small interface the pipeline uses and nothing else:
-
-* Stage C / B (denoisers): `prepare_conditioning(...)` once per prompt (step-invariant, eager by default) and
-  `denoise(x, r, **cond)` once per step (the part a backend accelerates);
-* Stage A (decoder): `decode(latent)`.
-
-A *backend* turns `(stage, eager model)` into a runner. Backends live in one explicit dict (`BACKENDS`), are
-chosen per stage (`parse_backend_spec("c=tensorrt,b=triton,a=eager")`) and are never named by the pipeline:
-what differs between backends is only which callables sit inside the runner. A backend that cannot run here
-raises `BackendUnavailable` with the reason when asked for; `available_backends()` lists every reason.
-
-Engine backends (onnxruntime, tensorrt, aoti) adapt `cascade_rt.export` and live in `runtime/engines.py`.
-Each backend documents its tolerance against eager (see `Tolerance` and docs/runtime.md).
+Backends live in one explicit dict (`BACKENDS`), are chosen per stage (`parse_backend_spec("c=tensorrt,b=triton,
+a=eager")`) and are never named by the pipeline: what differs between backends is only which callables sit inside
+the runner. A backend that cannot run here raises `BackendUnavailable` with the reason when asked for;
+`available_backends()` lists every reason. Here: eager, compile, triton and the registry; the engine backends
+(onnxruntime, tensorrt, aoti) adapt `cascade_rt.export` in `engine_backends.py`. Each backend documents its
+tolerance against eager (`Tolerance`, docs/runtime.md).
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import logging
-import sys
 import os
-import shutil
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from cascade_rt.errors import BackendUnavailable, ConfigError
-from cascade_rt.stages import DENOISERS, STAGE_ALIASES, STAGES
+from cascade_rt.runtime.engine_backends import AOTIBackend, OnnxRuntimeBackend, TensorRTBackend
+from cascade_rt.runtime.runner import (
+    Backend,
+    BuildContext,
+    StageRunner,
+    Tolerance,
+    cxx_compiler,
+    eager_step,
+    module_missing,
+)  # fmt: skip
+from cascade_rt.stages import STAGE_ALIASES, STAGES
 
 logger = logging.getLogger(__name__)
 
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    """Documented agreement of one stage call with eager in the same dtype: max|y - y_eager| / max|y_eager|."""
-
-    fp32: float
-    bf16: float
-
-    def for_dtype(self, dtype: torch.dtype) -> float:
-        return self.fp32 if dtype == torch.float32 else self.bf16
-
-
-def relative_error(y: Tensor, ref: Tensor) -> float:
-    """max|y - ref| / max|ref| in fp32 (the metric every `Tolerance` is stated in)."""
-    y, ref = y.detach().float().cpu(), ref.detach().float().cpu()
-    return float((y - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
-
-
-@dataclass
-class BuildContext:
-    """What a backend may need beyond the model. Eager-style backends ignore most of it.
-
-    `shapes` are the (batch, height, width) image sizes to build engines for (one: a static engine where the
-    backend wants one; several: a dynamic engine, the first is its optimisation point); `engine_dir` is the
-    engine cache; `model_id` says where the weights came from (recorded in engine manifests).
-    """
-
-    device: torch.device
-    dtype: torch.dtype
-    shapes: tuple[tuple[int, int, int], ...] = ((1, 1024, 1024),)
-    engine_dir: Path = Path("engines")
-    model_id: str | None = None
-    compile_mode: str | None = None
-    options: dict[str, Any] = field(default_factory=dict)
-
-
-class StageRunner:
-    """What the pipeline calls for one stage. Backends differ only in the callables they put here.
-
-    `model` is the stage's eager module: it computes the step-invariant conditioning (unless the backend gives
-    its own `conditioning`) and holds the weights the memory modes move. `graph_safe` says whether the per-step
-    call may be captured in a CUDA graph (fixed addresses, no host sync, no host-side work per call).
-    """
-
-    def __init__(
-        self,
-        stage: str,
-        model: nn.Module,
-        *,
-        backend: str,
-        graph_safe: bool,
-        tolerance: Tolerance,
-        step: Callable[..., Tensor],
-        conditioning: Callable[..., dict[str, Any]] | None = None,
-    ) -> None:
-        self.stage, self.model, self.backend = stage, model, backend
-        self.graph_safe, self.tolerance = graph_safe, tolerance
-        self._step, self._conditioning = step, conditioning
-
-    def prepare_conditioning(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        self._need(DENOISERS, "prepare_conditioning")
-        if self._conditioning is not None:
-            return self._conditioning(*args, **kwargs)
-        return self.model.prepare_conditioning(*args, **kwargs)
-
-    def denoise(self, x: Tensor, r: Tensor, **cond: Any) -> Tensor:
-        self._need(DENOISERS, "denoise")
-        return self._step(x, r, **cond)
-
-    def decode(self, latent: Tensor) -> Tensor:
-        self._need(("a",), "decode")
-        return self._step(latent)
-
-    def _need(self, stages: tuple[str, ...], what: str) -> None:
-        if self.stage not in stages:
-            raise TypeError(f"stage {self.stage!r} runner has no {what}() (stages with it: {', '.join(stages)})")
-
-    def __repr__(self) -> str:
-        return f"StageRunner(stage={self.stage!r}, backend={self.backend!r}, graph_safe={self.graph_safe})"
-
-
-class Backend(Protocol):
-    name: str
-    summary: str
-    tolerance: Tolerance
-    graph_safe: bool
-
-    def unavailable_reason(self, device: torch.device) -> str | None:
-        """None when this backend can run on `device` here, else a sentence saying why not and what to do."""
-
-    def build(self, stage: str, model: nn.Module, ctx: BuildContext) -> StageRunner:
-        """The runner for `stage`. May modify `model` in place (module swaps), never its weights' values."""
-
-    def prepare(self, device: torch.device) -> None:
-        """Process-level setup before any model is built or exported (most backends: nothing)."""
-
-
-def _eager_step(stage: str, model: nn.Module) -> Callable[..., Tensor]:
-    return model.decode if stage == "a" else model.denoise
-
-
-def _module_missing(module: str, what: str) -> str | None:
-    """Whether `module` is installed, found without importing it (importing triton would fix its mode)."""
-    try:
-        found = importlib.util.find_spec(module) is not None
-    except Exception as exc:  # a broken parent package: report, don't crash `available_backends()`
-        return f"{what} cannot be found ({type(exc).__name__}: {exc})"
-    return None if found else f"{what} is not installed"
-
-
-def _cxx_compiler() -> str | None:
-    return next((c for c in ("c++", "g++", "clang++") if shutil.which(c)), None)
 
 
 class EagerBackend:
@@ -165,7 +50,7 @@ class EagerBackend:
 
     def build(self, stage: str, model: nn.Module, ctx: BuildContext) -> StageRunner:
         return StageRunner(
-            stage, model, backend=self.name, graph_safe=True, tolerance=self.tolerance, step=_eager_step(stage, model)
+            stage, model, backend=self.name, graph_safe=True, tolerance=self.tolerance, step=eager_step(stage, model)
         )
 
 
@@ -183,8 +68,8 @@ class CompileBackend:
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         if device.type == "cuda":
-            return _module_missing("triton", "Inductor on CUDA needs triton, which")
-        if _cxx_compiler() is None:
+            return module_missing("triton", "Inductor on CUDA needs triton, which")
+        if cxx_compiler() is None:
             return "Inductor on the CPU needs a C++ compiler (c++/g++/clang++ on PATH); install one or use eager"
         return None
 
@@ -192,7 +77,7 @@ class CompileBackend:
         pass
 
     def build(self, stage: str, model: nn.Module, ctx: BuildContext) -> StageRunner:
-        step = torch.compile(_eager_step(stage, model), dynamic=False, mode=ctx.compile_mode)
+        step = torch.compile(eager_step(stage, model), dynamic=False, mode=ctx.compile_mode)
         return StageRunner(stage, model, backend=self.name, graph_safe=True, tolerance=self.tolerance, step=step)
 
 
@@ -211,7 +96,7 @@ class TritonBackend:
     graph_safe = True
 
     def unavailable_reason(self, device: torch.device) -> str | None:
-        missing = _module_missing("triton", "triton")
+        missing = module_missing("triton", "triton")
         if missing:
             return f"{missing}; pip install triton (Linux + CUDA GPU)"
         if device.type != "cuda" and not _interpreting() and "triton" in sys.modules:
@@ -220,7 +105,7 @@ class TritonBackend:
                 "interpreter, which must be chosen before triton is imported: export TRITON_INTERPRET=1 before "
                 "starting Python (slow; tests and tiny presets)"
             )
-        return _module_missing("cascade_rt.kernels.backend", "the Triton kernel backend (cascade_rt.kernels.backend)")
+        return module_missing("cascade_rt.kernels.backend", "the Triton kernel backend (cascade_rt.kernels.backend)")
 
     def prepare(self, device: torch.device) -> None:
         if device.type != "cuda" and not _interpreting() and "triton" not in sys.modules:
@@ -228,12 +113,13 @@ class TritonBackend:
             logger.info("triton backend on %s: Triton's interpreter (TRITON_INTERPRET=1), slow", device.type)
 
     def build(self, stage: str, model: nn.Module, ctx: BuildContext) -> StageRunner:
+        # imported here, after prepare(): importing triton fixes compiled vs interpreted for the process
         from cascade_rt.kernels.backend import apply_triton_kernels
 
         swapped = apply_triton_kernels(model)
         model = swapped if isinstance(swapped, nn.Module) else model
         return StageRunner(
-            stage, model, backend=self.name, graph_safe=True, tolerance=self.tolerance, step=_eager_step(stage, model)
+            stage, model, backend=self.name, graph_safe=True, tolerance=self.tolerance, step=eager_step(stage, model)
         )
 
 
@@ -241,15 +127,9 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _engine_backends() -> list[Backend]:
-    from cascade_rt.runtime.engines import AOTIBackend, OnnxRuntimeBackend, TensorRTBackend
-
-    return [OnnxRuntimeBackend(), TensorRTBackend(), AOTIBackend()]
-
-
 def default_backends() -> dict[str, Backend]:
     """A fresh registry: name -> backend. Nothing is imported or probed until a backend is used."""
-    backends: list[Backend] = [EagerBackend(), CompileBackend(), TritonBackend(), *_engine_backends()]
+    backends: list[Backend] = [EagerBackend(), CompileBackend(), TritonBackend(), OnnxRuntimeBackend(), TensorRTBackend(), AOTIBackend()]
     return {b.name: b for b in backends}
 
 

@@ -27,15 +27,17 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from cascade_rt.models.presets import build_model
 from cascade_rt.models.text import build_text_encoder
 from cascade_rt.runtime.memory import MEMORY_MODES, offload_units
-from cascade_rt.stages import RUNTIME_PRESETS, TEXT_PRESETS, latent_shapes, model_set
+from cascade_rt.sampling import build_plan, run_plan
+from cascade_rt.stages import RUNTIME_PRESETS, SAMPLING, STAGES, TEXT_PRESETS, latent_shapes, model_set
 
 GiB = 1024**3
 OVERHEAD_BYTES = int(0.75 * GiB)  # CUDA context (~0.4-0.6 GiB with cuBLAS/cuDNN handles) + allocator slack
 
 # what the edge preset runs: Stage C lite + Stage B lite, bf16, one large model on the GPU at a time
-EDGE_PRESETS = {k: v for k, v in model_set(RUNTIME_PRESETS["edge"].size).items() if k in ("c", "b", "a", "text")}
+EDGE_PRESETS = {k: v for k, v in model_set(RUNTIME_PRESETS["edge"].size).items() if k in (*STAGES, "text")}
 
 
 class LiveBytes(TorchDispatchMode):
@@ -133,8 +135,6 @@ def _stage_estimate(name: str, module: nn.Module, work) -> StageEstimate:
 
 
 def _denoiser_work(model: nn.Module, stage: str, shapes: dict[str, tuple[int, ...]], dims: dict[str, int], cfg: bool):
-    from cascade_rt.sampling import build_plan, run_plan
-
     meta = dict(device="meta", dtype=model.dtype)
     batch = shapes[stage][0]
 
@@ -150,7 +150,7 @@ def _denoiser_work(model: nn.Module, stage: str, shapes: dict[str, tuple[int, ..
             cond = model.prepare_conditioning(effnet, pooled(), latent_hw=hw)
             uncond = model.prepare_conditioning(effnet, pooled(), latent_hw=hw)
         x = torch.empty(shapes[stage], device="meta")
-        run_plan(model.denoise, x, build_plan(1, device="meta"), cond, uncond if cfg else None, cfg=4.0 if cfg else None)
+        run_plan(model.denoise, x, build_plan(1, device="meta"), cond, uncond if cfg else None, cfg=SAMPLING["c"].cfg if cfg else None)
 
     return work
 
@@ -158,7 +158,6 @@ def _denoiser_work(model: nn.Module, stage: str, shapes: dict[str, tuple[int, ..
 def _build(preset: str, dtype: torch.dtype) -> nn.Module:
     if preset in TEXT_PRESETS:
         return build_text_encoder(preset, device="meta", dtype=dtype)
-    from cascade_rt.models.presets import build_model
 
     return build_model(preset, device="meta", dtype=dtype)
 

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from cascade_rt.errors import ConfigError
-from cascade_rt.pipeline import CascadeOutput, StableCascadePipeline, to_pil
+from cascade_rt.pipeline import CascadeOutput, PromptEmbeds, StableCascadePipeline, WallTimer, to_pil
 from cascade_rt.stages import SAMPLING, check_resolution, default_size, latent_shapes
 
 logger = logging.getLogger(__name__)
@@ -61,38 +61,29 @@ class Prior:
     seed: int
     gen: torch.Generator
     latent_c: Tensor
-    pooled: Tensor
-    u_pooled: Tensor
+    embeds: PromptEmbeds
     timings: dict[str, float] = field(default_factory=dict)
 
 
 @torch.inference_mode()
 def prior(pipe: StableCascadePipeline, prompts: list[str], negatives: list[str], seed: int, s: Settings) -> Prior:
-    """Text encoder + Stage C, exactly as the pipeline's text-to-image path (same generator order)."""
-    batch = len(prompts)
+    """The pipeline's text and Stage C phases, with the pipeline's generator order (text-to-image)."""
     gen = torch.Generator("cpu").manual_seed(seed)
-    shapes = latent_shapes(batch, s.height, s.width)
-    t0 = time.perf_counter()
-    text, pooled, u_text, u_pooled = pipe.encode_prompts(prompts, negatives)
-    clip_img = torch.zeros(batch, 1, pipe.c_clip_img, device=pipe.device)
-    pipe.synchronize()
-    t1 = time.perf_counter()
-    x_c = pipe.initial_latent(None, shapes["c"], gen, "latents_c")
-    latent_c = pipe.sample_stage_c(x_c, text, pooled, u_text, u_pooled, clip_img, clip_img, steps=s.steps_c,
-                                   cfg=s.cfg_c, shift=s.shift_c, gen=gen)  # fmt: skip
-    pipe.synchronize()
-    timings = {"text": t1 - t0, "stage_c": time.perf_counter() - t1}
-    return Prior(prompts, seed, gen, latent_c, pooled, u_pooled, timings)
+    timings: dict[str, float] = {}
+    timer = WallTimer(timings, pipe.synchronize)
+    embeds = pipe.encode(prompts, negatives, timer=timer)
+    x_c = pipe.initial_latent(None, latent_shapes(len(prompts), s.height, s.width)["c"], gen, "latents_c")
+    latent_c = pipe.prior(embeds, x_c, steps=s.steps_c, cfg=s.cfg_c, shift=s.shift_c, gen=gen, timer=timer)
+    return Prior(prompts, seed, gen, latent_c, embeds, timings)
 
 
 @torch.inference_mode()
 def decoder(pipe: StableCascadePipeline, p: Prior, s: Settings) -> CascadeOutput:
-    """Stage B + Stage A for a prior's output, continuing its generator (as the pipeline does)."""
-    shapes = latent_shapes(len(p.prompts), s.height, s.width)
+    """The pipeline's Stage B + A phase for a prior's output, continuing its generator (as the pipeline does)."""
     timings = dict(p.timings)
-    x_b = pipe.initial_latent(None, shapes["b"], p.gen, "latents_b")
-    pixels, latent_b = pipe.stage_b_then_a(p.latent_c, p.pooled, p.u_pooled, x_b, steps=s.steps_b, cfg=s.cfg_b,
-                                           shift=s.shift_b, gen=p.gen, timings=timings)  # fmt: skip
+    x_b = pipe.initial_latent(None, latent_shapes(len(p.prompts), s.height, s.width)["b"], p.gen, "latents_b")
+    pixels, latent_b = pipe.decoder(p.latent_c, p.embeds.pooled, p.embeds.u_pooled, x_b, steps=s.steps_b,
+                                    cfg=s.cfg_b, shift=s.shift_b, gen=p.gen, timer=WallTimer(timings, pipe.synchronize))
     return CascadeOutput(to_pil(pixels), pixels, p.latent_c, latent_b, p.seed, None, timings)
 
 
@@ -165,7 +156,7 @@ class ThroughputRunner:
                 while (item := handoff.get()) is not None:
                     k, p, ready = item
                     s_ba.wait_event(ready)
-                    for t in (p.latent_c, p.pooled, p.u_pooled):
+                    for t in (p.latent_c, p.embeds.pooled, p.embeds.u_pooled):
                         t.record_stream(s_ba)
                     outputs[k] = decoder(pipe, p, s)
         finally:

@@ -10,9 +10,9 @@ import pytest
 
 from cascade_rt.export.build import EngineRequest
 from cascade_rt.export.cache import EngineCache
-from cascade_rt.export.engine import open_engine
-from cascade_rt.export.graphs import run_graph, stage_graph
+from cascade_rt.export.graph_modules import run_graph, stage_graph
 from cascade_rt.export.manifest import Manifest
+from cascade_rt.export.opener import open_engine
 from cascade_rt.export.sources import random_source
 from cascade_rt.export.specs import Dims
 from cascade_rt.export.validate import output_errors, tolerance_for

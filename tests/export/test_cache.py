@@ -109,7 +109,7 @@ def test_crash_mid_build_leaves_no_loadable_engine(tmp_path: Path, previewer, mo
         Path(path).write_bytes(b"partial graph")  # half-written output, then the process "dies"
         raise RuntimeError("simulated crash inside the exporter")
 
-    monkeypatch.setattr(onnx_export, "export_onnx", crashing_export)
+    monkeypatch.setattr(build_mod, "export_onnx", crashing_export)
     cache = EngineCache(tmp_path)
     request = request_for(previewer)
     with pytest.raises(RuntimeError, match="simulated crash"):

@@ -13,12 +13,12 @@ from cascade_rt.errors import ConfigError
 from cascade_rt.export import onnx_export
 from cascade_rt.export.build import EngineRequest, random_model
 from cascade_rt.export.cache import EngineCache
-from cascade_rt.export.engine import open_engine
-from cascade_rt.export.graphs import run_graph, stage_graph
+from cascade_rt.export.graph_modules import run_graph, stage_graph
 from cascade_rt.export.manifest import Manifest
 from cascade_rt.export.onnx_export import check_onnx
+from cascade_rt.export.opener import open_engine
 from cascade_rt.export.sources import model_from_manifest
-from cascade_rt.export.specs import STAGES, Dims, StageSpec, make_spec
+from cascade_rt.export.specs import GRAPHS, Dims, StageSpec, make_spec
 from cascade_rt.export.validate import output_errors, tolerance_for
 
 D256 = Dims(1, 256, 256, cfg=True)
@@ -30,7 +30,7 @@ def manifests(root: Path) -> dict[str, Path]:
 
 def test_cli_export_all_writes_valid_graphs(tiny_onnx_dir: Path):
     found = manifests(tiny_onnx_dir)
-    assert sorted(found) == sorted(STAGES)
+    assert sorted(found) == sorted(GRAPHS)
     for stage, path in found.items():
         m = Manifest.read(path)
         assert m.validation["status"] == "passed", (stage, m.validation)
@@ -46,7 +46,7 @@ def test_cli_export_all_writes_valid_graphs(tiny_onnx_dir: Path):
         assert set(m.validation["outputs"]) == set(spec.output_names)
 
 
-@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("stage", GRAPHS)
 def test_ort_parity_fp32_on_fresh_inputs(tiny_onnx_dir: Path, stage: str):
     path = manifests(tiny_onnx_dir)[stage]
     m = Manifest.read(path)

@@ -9,7 +9,7 @@ import torch
 
 from cascade_rt.errors import ConfigError
 from cascade_rt.export.build import EngineRequest, spec_for
-from cascade_rt.export.graphs import pack_cond_kv, unpack_cond_kv
+from cascade_rt.export.graph_modules import pack_cond_kv, unpack_cond_kv
 from cascade_rt.export.specs import Dims, StageSpec
 from cascade_rt.stages import latent_shape, stage_b_latent_hw, stage_c_latent_hw
 

@@ -40,8 +40,8 @@ from cascade_rt.kernels import modulation as mod_mod
 from cascade_rt.kernels import stage_a_block as sa_mod
 from cascade_rt.kernels.backend import apply_triton_kernels
 from cascade_rt.models.presets import build_model
-from cascade_rt.stages import latent_shapes
 from cascade_rt.models.text import ClipTextConfig
+from cascade_rt.stages import latent_shapes
 
 H100_SMS = 132  # H100 SXM
 H100_SMEM_PER_BLOCK = 227 * 1024  # sm_90: max shared memory per block (opt-in)

@@ -12,8 +12,13 @@ import copy
 import pytest
 import torch
 
-from cascade_rt.kernels.backend import (TritonAttnBlock, TritonResBlock, TritonTimestepBlock, apply_triton_kernels,
-                                        remove_triton_kernels)
+from cascade_rt.kernels.backend import (
+    TritonAttnBlock,
+    TritonResBlock,
+    TritonTimestepBlock,
+    apply_triton_kernels,
+    remove_triton_kernels,
+)
 from cascade_rt.models import build_model
 from cascade_rt.models.presets import TINY_CLIP_DIMS
 

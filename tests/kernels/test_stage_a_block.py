@@ -1,8 +1,12 @@
 import pytest
 import torch
 
-from cascade_rt.kernels.stage_a_block import (dwconv_replicate_residual, dwconv_replicate_residual_ref,
-                                              layernorm_modulate, layernorm_modulate_ref)
+from cascade_rt.kernels.stage_a_block import (
+    dwconv_replicate_residual,
+    dwconv_replicate_residual_ref,
+    layernorm_modulate,
+    layernorm_modulate_ref,
+)
 
 SHAPES = [(1, 1, 1, 3), (2, 5, 7, 48), (1, 6, 3, 100), (2, 2, 9, 24), (1, 2, 19, 8)]  # W=19: two W strips
 

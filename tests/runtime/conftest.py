@@ -18,6 +18,7 @@ if not torch.cuda.is_available():
 from cascade_rt.models import build_model  # noqa: E402
 from cascade_rt.models.presets import TINY_CLIP_DIMS  # noqa: E402
 
+
 def stage_c_inputs(model, batch: int, hw: int, seed: int = 0, device: str = "cpu"):
     """(x, cond, uncond) for a tiny Stage C: text-like random conditioning, uncond from other random text."""
     g = torch.Generator().manual_seed(seed)

@@ -20,7 +20,7 @@ from cascade_rt.runtime import (
     relative_error,
     require_backend,
 )
-from cascade_rt.runtime.engines import engine_step
+from cascade_rt.runtime.engine_backends import engine_step
 
 # The triton backend on the CPU needs Triton's interpreter, switched on before triton is imported (the conftest
 # does so on a machine without CUDA; scripts/test.sh exports it). On a GPU machine the gpu-marked tests run it.
@@ -144,7 +144,7 @@ class FakeEngine:
         self.model, self.feeds = model, []
 
     def __call__(self, feed):
-        from cascade_rt.export.graphs import unpack_cond_kv
+        from cascade_rt.export.graph_modules import unpack_cond_kv
         from cascade_rt.export.specs import attn_widths
 
         self.feeds.append(feed)

@@ -11,7 +11,7 @@ import torch
 
 from cascade_rt.errors import ConfigError, EngineError
 from cascade_rt.models import build_model
-from cascade_rt.runtime.graphs import GraphedSampler, GraphKey, StaticStep
+from cascade_rt.runtime.cuda_graphs import GraphedSampler, GraphKey, StaticStep
 from cascade_rt.sampling import build_plan, sample_stage
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible to torch)")
@@ -115,7 +115,7 @@ def test_step_reads_no_host_values():
 
 # ------------------------------------------------------------------------------------------ fallbacks
 def _warnings(caplog):
-    return [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "cascade_rt.runtime.graphs"]
+    return [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "cascade_rt.runtime.cuda_graphs"]
 
 
 def test_uncaptured_shape_falls_back_with_one_warning(tiny_c, c_inputs, caplog):

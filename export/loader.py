@@ -13,9 +13,6 @@ use `EngineCache(dir).load(EngineRequest(...))` (it refuses, with the reasons, a
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import json
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -24,37 +21,15 @@ import torch
 from torch import nn
 
 from cascade_rt.errors import ConfigError
-from cascade_rt.export.build import FORMATS, EngineRequest, model_dtype, random_model
+from cascade_rt.export.build import FORMATS, EngineRequest, model_dtype
 from cascade_rt.export.cache import EngineCache
 from cascade_rt.export.engine import Engine
-from cascade_rt.export.sources import model_fingerprint
+from cascade_rt.export.sources import model_fingerprint, preset_of
 from cascade_rt.export.specs import PRECISIONS, Dims, make_spec
 
 logger = logging.getLogger(__name__)
 
 _NAMES = {v: k for k, v in PRECISIONS.items()}
-
-
-@functools.lru_cache(maxsize=None)
-def _preset_signature(preset: str) -> tuple:
-    model = random_model(preset, "fp32", device="meta")
-    return type(model).__name__, tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
-
-
-def preset_of(model: nn.Module) -> str:
-    """The preset whose architecture `model` has (state-dict names and shapes), else 'custom-<hash>'."""
-    from cascade_rt.models.presets import PRESETS
-    from cascade_rt.stages import TEXT_PRESETS
-
-    sig = type(model).__name__, tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
-    for name in (*PRESETS, *TEXT_PRESETS):
-        if type(model).__name__ == "TextEncoder":
-            same_class = name in TEXT_PRESETS
-        else:
-            same_class = name in PRESETS and PRESETS[name].cls is type(model)
-        if same_class and _preset_signature(name) == sig:
-            return name
-    return "custom-" + hashlib.sha256(json.dumps(sig).encode()).hexdigest()[:10]
 
 
 def load_engine(

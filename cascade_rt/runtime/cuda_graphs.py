@@ -34,7 +34,13 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from cascade_rt.errors import ConfigError, EngineError
 from cascade_rt.sampling import (
-    StagePlan, StepCoeffs, build_plan, concat_conditioning, ddim_step, draw_noise, run_plan,
+    StagePlan,
+    StepCoeffs,
+    build_plan,
+    concat_conditioning,
+    draw_noise,
+    run_plan,
+    sampler_step,
 )  # fmt: skip
 
 logger = logging.getLogger(__name__)
@@ -64,13 +70,6 @@ class GraphKey:
     def size(self) -> int:
         """Sort key for "largest first": elements of the model's input (then whole-loop graphs first)."""
         return self.model_batch * self.height * self.width
-
-
-def _cfg_combine_static(pred_c: Tensor, pred_u: Tensor, cfg: Tensor, rho: Tensor, one_minus_rho: Tensor) -> Tensor:
-    """`sampling.cfg_combine` with cfg and rho as 0-d device tensors (captured once, changed by copy)."""
-    pred_cfg = torch.lerp(pred_u, pred_c, cfg)
-    std_c, std_cfg = pred_c.std(), pred_cfg.std()
-    return rho * (pred_cfg * std_c / (std_cfg + 1e-9)) + pred_cfg * one_minus_rho
 
 
 class StaticStep:
@@ -142,17 +141,13 @@ class StaticStep:
 
     # -------------------------------------------------------------- device side: one step, in place
     def step(self) -> None:
-        i, x, n = self.step_index, self.x, self.key.batch
+        """`sampling.sampler_step` over the static buffers, the schedule row picked by the device step counter."""
+        i = self.step_index
         c = StepCoeffs(*self.schedule.index_select(1, i).view(-1).unbind(0))
-        if self.key.guided:
-            pred = self.denoise(torch.cat([x, x], dim=0), c.r.expand(2 * n), **self.inputs).float()
-            pred_c, pred_u = pred.chunk(2)
-            cfg, rho, one_minus_rho = self.cfg_rho.unbind(0)
-            eps = _cfg_combine_static(pred_c, pred_u, cfg, rho, one_minus_rho)
-        else:
-            eps = self.denoise(x, c.r.expand(n), **self.inputs).float()
+        cfg, rho, one_minus_rho = self.cfg_rho.unbind(0)
         noise = self.noise.index_select(0, i).squeeze(0) if self.noise is not None else None
-        x_next, x0 = ddim_step(x, eps, c, noise)
+        x_next, x0 = sampler_step(self.denoise, self.x, c, self.inputs, cfg=cfg if self.key.guided else None,
+                                  rho=rho, one_minus_rho=one_minus_rho, noise=noise)  # fmt: skip
         self.x.copy_(x_next)
         self.x0.copy_(x0)
         self.step_index.add_(1)

@@ -21,7 +21,9 @@ import torch
 from torch import Tensor, nn
 
 from cascade_rt.errors import ConfigError
-from cascade_rt.runtime.backends import BuildContext, StageRunner, Tolerance, _cxx_compiler, _module_missing
+from cascade_rt.export.graph_modules import pack_cond_kv
+from cascade_rt.export.loader import load_engine
+from cascade_rt.runtime.runner import BuildContext, StageRunner, Tolerance, cxx_compiler, module_missing
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +37,6 @@ def engine_step(stage: str, engine: Callable[[dict[str, Tensor]], dict[str, Tens
     GPU): under a CUDA graph the pack is part of the captured step, so new conditioning copied into the static
     buffers is always seen. Inputs are cast to the runner's dtype (TensorRT takes no hidden casts).
     """
-    from cascade_rt.export.graphs import pack_cond_kv
-
     if stage == "a":
         return lambda latent: engine({"latent": latent.to(dtype)})["images"]
 
@@ -65,9 +65,6 @@ class _EngineBackend:
     def prepare(self, device: torch.device) -> None:
         pass
 
-    def _engines_missing(self) -> str | None:
-        return _module_missing("cascade_rt.export.engines", "the export layer's engines (cascade_rt.export.engines)")
-
     def cfg(self, stage: str) -> bool | None:
         """The CFG flag of a static engine (C and B run the [cond; uncond] batch at the official settings);
         None asks the export layer for one dynamic engine (any batch, size, CFG on or off)."""
@@ -75,8 +72,6 @@ class _EngineBackend:
 
     def build(self, stage: str, model: nn.Module, ctx: BuildContext) -> StageRunner:
         """The cached engine for this stage/weights/shapes (the export layer builds and validates it if needed)."""
-        from cascade_rt.export.engines import load_engine
-
         engine = load_engine(
             self.kind, SPEC_STAGE[stage], model, shapes=ctx.shapes, engine_dir=ctx.engine_dir,
             model_id=ctx.model_id, device=ctx.device, cfg=self.cfg(stage),
@@ -97,16 +92,16 @@ class OnnxRuntimeBackend(_EngineBackend):
         return None  # ORT runs any shape of a dynamic graph at no cost: one graph per stage
 
     def unavailable_reason(self, device: torch.device) -> str | None:
-        missing = _module_missing("onnxruntime", "onnxruntime")
+        missing = module_missing("onnxruntime", "onnxruntime")
         if missing:
             return f"{missing}; pip install onnxruntime (or onnxruntime-gpu)"
         if device.type == "cuda":
-            import onnxruntime
+            import onnxruntime  # optional: asked only when a CUDA stage wants it
 
             if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
                 return ("this onnxruntime has no CUDAExecutionProvider, so it cannot run a CUDA stage; "
                         "pip install onnxruntime-gpu (cascade-rt[gpu]) or run the pipeline on cpu")  # fmt: skip
-        return self._engines_missing()
+        return None
 
 
 class TensorRTBackend(_EngineBackend):
@@ -118,10 +113,10 @@ class TensorRTBackend(_EngineBackend):
     def unavailable_reason(self, device: torch.device) -> str | None:
         if device.type != "cuda" or not torch.cuda.is_available():
             return f"TensorRT needs an NVIDIA GPU (device is {device.type}); use eager, compile or onnxruntime here"
-        missing = _module_missing("tensorrt", "tensorrt")
+        missing = module_missing("tensorrt", "tensorrt")
         if missing:
             return f"{missing}; pip install tensorrt (cascade-rt[tensorrt]), Linux + NVIDIA driver"
-        return self._engines_missing()
+        return None
 
 
 class AOTIBackend(_EngineBackend):
@@ -132,10 +127,10 @@ class AOTIBackend(_EngineBackend):
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         if device.type == "cuda":
-            missing = _module_missing("triton", "AOTInductor on CUDA needs triton, which")
+            missing = module_missing("triton", "AOTInductor on CUDA needs triton, which")
             if missing:
                 return missing
-        elif _cxx_compiler() is None:
+        elif cxx_compiler() is None:
             return "AOTInductor on the CPU needs a C++ compiler (c++/g++/clang++ on PATH)"
-        return self._engines_missing()
+        return None
 

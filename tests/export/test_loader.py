@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 
-from cascade_rt.export.engines import load_engine, preset_of
+from cascade_rt.export.loader import load_engine
 from cascade_rt.export.manifest import Manifest
+from cascade_rt.export.sources import preset_of
 from cascade_rt.models.presets import build_model
 
 

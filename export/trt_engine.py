@@ -30,7 +30,10 @@ from cascade_rt.export.specs import Dims, StageSpec
 
 logger = logging.getLogger(__name__)
 
-UNAVAILABLE = "tensorrt is not installed (its wheels are not reachable from this workplace)"
+UNAVAILABLE = (
+    "tensorrt is not installed: pip install tensorrt (or cascade-rt[tensorrt]) on Linux with an NVIDIA GPU and "
+    "driver; NVIDIA's wheels come from pypi.nvidia.com (pip --extra-index-url https://pypi.nvidia.com)"
+)
 
 
 def import_tensorrt():

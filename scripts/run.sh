@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up (./.venv) and run the main job: the embedded benchmark on a small random-weight preset
+# Set up (./.venv) and run the default benchmark on a small random-weight preset
 # (eager vs every backend that runs on this machine), engines cached under engines/, report in out/.
 set -euo pipefail
 cd "$(dirname "$0")/.."

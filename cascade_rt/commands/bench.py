@@ -30,7 +30,7 @@ ALL_PEERS = ("diffusers", "diffusers-compile", "max-autotune")
 CPU_DEFAULT_SKIPS = {
     "diffusers-compile": (
         "skipped by default on the CPU: Inductor compiles diffusers' two UNets and the VQGAN for minutes on 2 cores "
-        "(its C++ build dominates the main job); include it with --peers diffusers,diffusers-compile"
+        "(its C++ build dominates the default benchmark); include it with --peers diffusers,diffusers-compile"
     ),
 }
 TRITON_CPU_SKIP = (

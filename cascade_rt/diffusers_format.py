@@ -1,4 +1,4 @@
-"""The diffusers layout of Stable Cascade (peers.md section B): key mapping, config mapping, component folders.
+"""The diffusers layout of Stable Cascade (docs/reference.md §8.1): key mapping, config mapping, component folders.
 
 A component folder (`prior/`, `prior_lite/`, `decoder/`, `decoder_lite/`, `vqgan/`) holds `config.json` and
 `diffusion_pytorch_model[.<variant>].safetensors`, or shards listed by

@@ -1,4 +1,4 @@
-"""`StableCascadePipeline`: prompts -> images, the eager reference (spec section 0).
+"""`StableCascadePipeline`: prompts -> images, the eager reference (docs/reference.md §0).
 
 Text (CLIP bigG) -> Stage C (GDF, 20 steps, cfg 4, shift 2) -> Stage B (10 steps, cfg 1.1, shift 1) -> Stage A
 decode -> `.float().clamp(0, 1)`. Also image-to-image, image variation and Stage A+B reconstruction.
@@ -59,7 +59,7 @@ def check_dtypes(dtypes: dict[str, torch.dtype]) -> None:
     if dtypes.get("c") == torch.float16:
         raise ConfigError(
             "Stage C cannot run in float16: its activations overflow the fp16 range (official models/readme.md; "
-            "spec 6.1). Use bfloat16 (the official setting) or float32"
+            "docs/reference.md §6.1). Use bfloat16 (the official setting) or float32"
         )
     for stage in ("b", "a"):
         if dtypes.get(stage) == torch.float16:
@@ -369,7 +369,7 @@ class StableCascadePipeline:
         seed: int | None = None,
         progress: Progress | None = None,
     ) -> CascadeOutput:
-        """Stage A+B as an autoencoder (spec 4.5): image -> x3/4 nearest -> EffNet -> Stage B -> Stage A."""
+        """Stage A+B as an autoencoder (docs/reference.md §4.5): image -> x3/4 nearest -> EffNet -> Stage B -> Stage A."""
         if self.effnet is None:
             raise ConfigError("reconstruction needs the EfficientNet encoder; this pipeline has none")
         pixels_in = from_pil(image)

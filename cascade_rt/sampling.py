@@ -1,4 +1,4 @@
-"""GDF sampling for Stable Cascade, exactly as the official `gdf` package runs it (spec section 3).
+"""GDF sampling for Stable Cascade, exactly as the official `gdf` package runs it (docs/reference.md §3).
 
 Pieces, in the order the sampler uses them:
 
@@ -88,7 +88,7 @@ def noise_cond(log_snr_: Tensor) -> Tensor:
 
 
 def diffuse(x0: Tensor, t: float | Tensor, noise: Tensor, shift: float = 1.0) -> Tensor:
-    """Noise a clean latent to level t (spec 4.5, image-to-image uses shift 1): a(t)*x0 + b(t)*noise, fp32."""
+    """Noise a clean latent to level t (docs/reference.md §4.5, image-to-image uses shift 1): a(t)*x0 + b(t)*noise, fp32."""
     t = torch.as_tensor(t, dtype=torch.float32).reshape(-1)
     a, b = vp_scaler(log_snr(t, shift).to(x0.device))
     view = (-1,) + (1,) * (x0.dim() - 1)

@@ -1,4 +1,4 @@
-"""Loading Stable Cascade weights strictly: official safetensors files and the diffusers layout (spec section 5).
+"""Loading Stable Cascade weights strictly: official safetensors files and the diffusers layout (docs/reference.md §5).
 
 Public API
 * `load_stage(stage_or_preset, path, dtype=, device=)`: one model from an official file (`stage_c_bf16.safetensors`)

@@ -1,4 +1,4 @@
-"""ONNX graph rewrites for TensorRT's strongly typed networks (the pitfalls of peers.md A).
+"""ONNX graph rewrites for TensorRT's strongly typed networks (the pitfalls of docs/reference.md §8.3).
 
 * Resize: TensorRT has no bf16 Resize. Every Resize whose data is not fp32 gets Cast(fp32) before and a Cast
   back after (our models already interpolate in fp32, so on our graphs this normally finds nothing).

@@ -9,8 +9,8 @@ Shapes are tuples of ints and *dimension expressions* over a few symbols compute
 
     N        batch the graph sees: 2*batch under CFG for the stages CFG doubles (text, C, B), else batch
     H, W     image size in pixels (256..2048, multiples of 128)
-    hc, wc   Stage C latent = ceil(H / 42.67)          (spec 4.4: 1024 -> 24)
-    hb, wb   Stage B / Stage A latent = ceil(H / 4)     (spec 4.4: 1024 -> 256)
+    hc, wc   Stage C latent = ceil(H / 42.67)          (docs/reference.md §4.4: 1024 -> 24)
+    hb, wb   Stage B / Stage A latent = ceil(H / 4)     (docs/reference.md §4.4: 1024 -> 256)
 
 An expression is `sym`, `k*sym` or `sym/k` (exact). The same symbols name the ONNX dynamic axes; a symbol's
 value is found from the input tensors by `StageSpec.bind`, which then gives every output shape.
@@ -53,7 +53,7 @@ TEXT_TOKENS = 77
 
 FP16_REFUSAL = (
     "Stage B and Stage C overflow in float16 (official models/readme: 'you can not run the models in float16'; "
-    "spec 6.1): export them in bf16 or fp32"
+    "docs/reference.md §6.1): export them in bf16 or fp32"
 )
 from cascade_rt.models.text import EOS_ID
 

@@ -1,4 +1,4 @@
-"""Stage A ResBlock parts (the VQGAN's own block, spec 1.5), on NHWC activations.
+"""Stage A ResBlock parts (the VQGAN's own block, docs/reference.md §1.5), on NHWC activations.
 
 ``x = x + depthwise(LN1(x) * (1 + g0) + g1) * g2`` with ``depthwise = ReplicationPad2d(1) + Conv2d(c, c, 3,
 groups=c)``; then ``x = x + channelwise(LN2(x) * (1 + g3) + g4) * g5`` (``g = gammas``, a (6,) parameter).

@@ -17,7 +17,7 @@ from cascade_rt.models import build_model, count_parameters, get_preset
 from cascade_rt.models.common import gen_r_embedding
 from cascade_rt.weights import to_diffusers
 
-# spec section 2: exact parameter counts and state-dict key counts of the released checkpoints
+# docs/reference.md §2: exact parameter counts and state-dict key counts of the released checkpoints
 SPEC_COUNTS = {
     "stage_c": (3_589_103_632, 1294),
     "stage_c_lite": (1_030_785_040, 654),

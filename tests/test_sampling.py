@@ -1,4 +1,4 @@
-"""GDF sampling: schedule values (spec 3.8), CFG rescale, DDPM/DDIM steps, the loop, diffusers parity, no host sync."""
+"""GDF sampling: schedule values (docs/reference.md §3.8), CFG rescale, DDPM/DDIM steps, the loop, diffusers parity, no host sync."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from cascade_rt.sampling import (
     vp_scaler,
 )
 
-# spec 3.8: (i, t, logSNR, r, a, b) for Stage C, 20 steps, shift 2
+# docs/reference.md §3.8: (i, t, logSNR, r, a, b) for Stage C, 20 steps, shift 2
 STAGE_C_TABLE = [
     (0, 1.00, -9.21024, 0.993583, 0.010000, 0.999950),
     (1, 0.95, -6.48632, 0.974962, 0.039011, 0.999239),
@@ -129,7 +129,7 @@ def _toy_model(x, r, scale):
 
 def _reference_loop(x, scale_c, scale_u, noises, *, steps, shift, cfg, rho, eta):
     """Independent float64 re-implementation of the official loop (math module schedule)."""
-    lo, hi = -9.21024, 9.21007  # spec 3.2 limits
+    lo, hi = -9.21024, 9.21007  # docs/reference.md §3.2 limits
     s = 0.008
     min_var = math.cos(s / (1 + s) * math.pi / 2) ** 2
 

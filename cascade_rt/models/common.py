@@ -1,4 +1,4 @@
-"""Building blocks shared by Stage B and Stage C (official `modules/common.py`), spec section 1.1.
+"""Building blocks shared by Stage B and Stage C (official `modules/common.py`), docs/reference.md §1.1.
 
 Attribute names equal the official checkpoint keys. The models run in bf16 or fp32 *without* autocast:
 normalisation statistics are computed in fp32 and cast back to the activation dtype, the r embedding is fp32,
@@ -187,7 +187,7 @@ class UpDownBlock2d(nn.Module):
 
 
 def gen_r_embedding(r: torch.Tensor, c_r: int, max_positions: int = 10000) -> torch.Tensor:
-    """Sinusoidal embedding of the noise level r in [0, 1] -> (B, c_r), always fp32 (spec 1.2)."""
+    """Sinusoidal embedding of the noise level r in [0, 1] -> (B, c_r), always fp32 (docs/reference.md §1.2)."""
     r = r.float() * max_positions
     half_dim = c_r // 2
     k = math.log(max_positions) / (half_dim - 1)

@@ -1,4 +1,4 @@
-"""EfficientNetEncoder: pixels -> Stage C latent space (official `modules/effnet.py`), spec 1.6.
+"""EfficientNetEncoder: pixels -> Stage C latent space (official `modules/effnet.py`), docs/reference.md §1.6.
 
 The backbone is torchvision's efficientnet_v2_s `features` built with `weights=None` (the checkpoint carries every
 backbone weight, so nothing is downloaded), followed by a 1x1 conv to 16 channels and an affine-free BatchNorm.

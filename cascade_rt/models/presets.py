@@ -1,4 +1,4 @@
-"""Presets for every released checkpoint (spec section 2) and tiny ones for tests and CPU demos.
+"""Presets for every released checkpoint (docs/reference.md §2) and tiny ones for tests and CPU demos.
 
 `build_model("stage_c", device="meta")` builds the 3.6B prior without allocating memory.
 Tiny presets share one conditioning width (`TINY_CLIP_DIMS`) with the tiny text/image encoders.
@@ -29,7 +29,7 @@ class Preset:
     stage: str  # "c", "b", "a", "effnet", "previewer"
     cls: type[nn.Module]
     kwargs: dict[str, Any] = field(default_factory=dict)
-    params: int | None = None  # exact official parameter count (spec section 2), None for tiny presets
+    params: int | None = None  # exact official parameter count (docs/reference.md §2), None for tiny presets
     filename: str | None = None  # official checkpoint file stem
 
 

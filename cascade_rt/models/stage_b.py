@@ -1,4 +1,4 @@
-"""Stage B, the decoder from the Stage C latent to the Stage A latent (official `modules/stage_b.py`), spec 1.4.
+"""Stage B, the decoder from the Stage C latent to the Stage A latent (official `modules/stage_b.py`), docs/reference.md §1.4.
 
 Constructor arguments, names and defaults are the official ones (defaults = the "3B"/1.5B model).
 `forward(x, r, effnet, clip, pixels=None)` returns epsilon and equals

@@ -1,4 +1,4 @@
-"""Stage C, the text-conditional prior (official `modules/stage_c.py`), spec 1.3.
+"""Stage C, the text-conditional prior (official `modules/stage_c.py`), docs/reference.md §1.3.
 
 Constructor arguments, names and defaults are the official ones (defaults = the 3.6B model).
 `forward(x, r, clip_text, clip_text_pooled, clip_img)` returns the epsilon prediction and equals

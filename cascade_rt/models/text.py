@@ -1,4 +1,4 @@
-"""Conditioning encoders (spec 4.1, 4.2): CLIP ViT-bigG-14 text tower and CLIP ViT-L/14 image tower.
+"""Conditioning encoders (docs/reference.md §4.1, §4.2): CLIP ViT-bigG-14 text tower and CLIP ViT-L/14 image tower.
 
 The towers are open_clip's own `TextTransformer` / `VisionTransformer` modules (text or vision part only, the
 other tower is never built); state dicts use open_clip's key layout. Weights load from either
@@ -416,7 +416,7 @@ class ImageEncoder(_ClipTower):
         return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
     def preprocess(self, images: Tensor) -> Tensor:
-        """[0,1] RGB (B,3,H,W) -> Resize(shorter side, bicubic) -> CenterCrop -> CLIP normalisation (spec 4.2)."""
+        """[0,1] RGB (B,3,H,W) -> Resize(shorter side, bicubic) -> CenterCrop -> CLIP normalisation (docs/reference.md §4.2)."""
         from torchvision.transforms.v2 import functional as TF
 
         size = self.config.image_size

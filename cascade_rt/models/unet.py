@@ -1,4 +1,4 @@
-"""The level structure shared by Stage C and Stage B (official `_down_encode` / `_up_decode`), spec 1.3-1.4.
+"""The level structure shared by Stage C and Stage B (official `_down_encode` / `_up_decode`), docs/reference.md §1.3-§1.4.
 
 `CascadeUNet` builds `down_blocks`, `down_downscalers`, `down_repeat_mappers`, `up_blocks`, `up_upscalers`,
 `up_repeat_mappers` exactly as the official classes do, and runs them. Subclasses supply the scalers, the

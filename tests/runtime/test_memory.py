@@ -97,7 +97,7 @@ def edge_estimate() -> MemoryEstimate:
 def test_edge_preset_fits_in_8_gb_at_1024(edge_estimate):
     e = edge_estimate
     assert e.mode == "sequential" and set(e.stages) == {"c", "b", "a", "text"}
-    # weights are exact: parameter counts (spec section 2) x 2 bytes
+    # weights are exact: parameter counts (docs/reference.md §2) x 2 bytes
     assert e.stages["c"].weight_bytes == 2 * get_preset("stage_c_lite").params
     assert e.stages["b"].weight_bytes == 2 * get_preset("stage_b_lite").params
     assert e.stages["text"].weight_bytes == 2 * 694_659_840  # CLIP ViT-bigG-14 text tower

@@ -29,9 +29,8 @@ from cascade_rt.errors import BackendUnavailable
 from cascade_rt.models import build_model
 from cascade_rt.runtime.backends import build_runner, parse_backend_spec
 from cascade_rt.runtime.cuda_graphs import GraphedSampler
-from cascade_rt.stages import STAGES
+from cascade_rt.stages import RANDOM_SEED_OFFSETS, STAGES
 
-STAGE_SEEDS = {"c": 2, "b": 3, "a": 4}  # weight seed offsets per stage (as pipeline.build_random_pipeline)
 SAMPLER_SUFFIXES = {"+graphs": "graph", "+static": "static"}
 GRID_SIDE = 192  # pixels per image in the sample grid
 
@@ -68,7 +67,7 @@ def parse_combo(text: str, skip_reason: str | None = None) -> Combo:
 
 def build_models(case: Case, device: torch.device, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
     wl = case.workload
-    return {s: build_model(case.presets[s], device=device, dtype=dtype, seed=wl.seed + STAGE_SEEDS[s]) for s in STAGES}
+    return {s: build_model(case.presets[s], device=device, dtype=dtype, seed=wl.seed + RANDOM_SEED_OFFSETS[s]) for s in STAGES}
 
 
 def _build_runner(name: str, stage: str, case: Case, model: torch.nn.Module, ctx: Any) -> Any:

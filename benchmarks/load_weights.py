@@ -4,8 +4,9 @@
 
 Writes a random-weight bf16 checkpoint of the preset (official key names, safetensors) unless it exists, then,
 in a fresh process each: `weights.load_stage` (owned, aligned copies of every tensor: what the pipeline does)
-and, for comparison, safetensors' `load_file` (tensors that may stay views of the memory-mapped file). Prints
-one JSON line per method: seconds, peak RSS (ru_maxrss) and RSS after the load, in MiB.
+and, for comparison, safetensors' `load_file` (tensors that stay views of the memory-mapped file, read from disk
+only when first used). Prints one JSON line per method: seconds, peak RSS (VmHWM) and RSS after the load, in
+MiB, and for `load_stage` the time of the full weights fingerprint the engine cache keys engines by.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from cascade_rt.export.sources import model_fingerprint
 from cascade_rt.models.presets import build_model
 from cascade_rt.weights import load_stage
 
@@ -34,16 +36,22 @@ def _status_mib(field: str = "VmRSS") -> float:
 def measure(method: str, path: Path, preset: str) -> dict:
     before = _status_mib()
     t0 = time.perf_counter()
+    extra = {}
     if method == "load_stage":
         model = load_stage(preset, path, dtype=torch.bfloat16)
         n = sum(p.numel() for p in model.parameters())
+        seconds = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        model_fingerprint(model)  # what an engine backend computes once per model (the engine cache key)
+        extra["fingerprint_seconds"] = round(time.perf_counter() - t1, 2)
     else:
         state = load_file(str(path))
         n = sum(t.numel() for t in state.values())
-    seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
     peak = _status_mib("VmHWM")  # this process's own peak (ru_maxrss would include the parent's, kept across exec)
     return {"method": method, "preset": preset, "params": n, "seconds": round(seconds, 2),
-            "rss_before_mib": round(before), "rss_after_mib": round(_status_mib()), "peak_rss_mib": round(peak)}
+            "rss_before_mib": round(before), "rss_after_mib": round(_status_mib()), "peak_rss_mib": round(peak),
+            **extra}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,7 +34,15 @@ from cascade_rt.models.effnet import normalize_imagenet
 from cascade_rt.models.presets import build_model
 from cascade_rt.models.text import ImageEncoder, TextEncoder, build_text_encoder, image_config
 from cascade_rt.sampling import diffuse, sample_stage
-from cascade_rt.stages import IMG2IMG_STRENGTH, SAMPLING, TITLES, check_resolution, latent_shapes, model_set
+from cascade_rt.stages import (
+    IMG2IMG_STRENGTH,
+    RANDOM_SEED_OFFSETS,
+    SAMPLING,
+    TITLES,
+    check_resolution,
+    latent_shapes,
+    model_set,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -429,15 +437,15 @@ def build_random_pipeline(
     EfficientNet and the previewer stay fp32, as the official weights are.
     """
 
-    names = model_set(preset)
+    names, off = model_set(preset), RANDOM_SEED_OFFSETS
     dtypes = {"c": dtype, "b": dtype, "a": dtype, **(stage_dtypes or {})}
     check_dtypes(dtypes)  # before building anything large
     return StableCascadePipeline(
-        text_encoder=build_text_encoder(names["text"], dtype=dtype, device=device, seed=seed),
-        image_encoder=ImageEncoder.random(image_config(preset), dtype=dtype, device=device, seed=seed + 1),
-        stage_c=build_model(names["c"], device=device, dtype=dtypes["c"], seed=seed + 2),
-        stage_b=build_model(names["b"], device=device, dtype=dtypes["b"], seed=seed + 3),
-        stage_a=build_model(names["a"], device=device, dtype=dtypes["a"], seed=seed + 4),
-        effnet=build_model(names["effnet"], device=device, seed=seed + 5),
-        previewer=build_model(names["previewer"], device=device, seed=seed + 6),
+        text_encoder=build_text_encoder(names["text"], dtype=dtype, device=device, seed=seed + off["text"]),
+        image_encoder=ImageEncoder.random(image_config(preset), dtype=dtype, device=device, seed=seed + off["image"]),
+        stage_c=build_model(names["c"], device=device, dtype=dtypes["c"], seed=seed + off["c"]),
+        stage_b=build_model(names["b"], device=device, dtype=dtypes["b"], seed=seed + off["b"]),
+        stage_a=build_model(names["a"], device=device, dtype=dtypes["a"], seed=seed + off["a"]),
+        effnet=build_model(names["effnet"], device=device, seed=seed + off["effnet"]),
+        previewer=build_model(names["previewer"], device=device, seed=seed + off["previewer"]),
     )

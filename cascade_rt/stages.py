@@ -47,6 +47,11 @@ MODEL_SETS = {
 }  # fmt: skip
 TEXT_PRESETS = ("text", "text_tiny")
 
+# Random-weight models: component k of a pipeline built with seed s uses seed s + RANDOM_SEED_OFFSETS[k], so
+# `generate --random-weights --seed s`, `export --random-weights --seed s` and the benchmarks build the same weights
+# (and share cached engines).
+RANDOM_SEED_OFFSETS = {"text": 0, "image": 1, "c": 2, "b": 3, "a": 4, "effnet": 5, "previewer": 6}
+
 
 @dataclass(frozen=True)
 class RuntimePreset:

@@ -94,7 +94,7 @@ class AotiEngine:
         self.load()
         dtypes = self.spec.dtypes(self.precision)
         inputs = {k: v.to(dtypes[k]) if v.is_floating_point() else v for k, v in named_inputs(feed, kw).items()}
-        check_inputs(self.spec, self.precision, inputs)
+        check_inputs(self.spec, self.precision, inputs, self.manifest)
         with torch.inference_mode():
             out = self.runner(*(inputs[n].to(self.device) for n in self.spec.input_names))
         out = list(out) if isinstance(out, (list, tuple)) else [out]

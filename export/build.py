@@ -61,7 +61,8 @@ class EngineRequest:
         d = self.dims
         shape = "dynamic" if self.dynamic else f"b{d.batch}-{d.height}x{d.width}"
         cfg = "-cfg" if d.cfg else ""
-        return f"{self.stage}-{self.preset}-{self.precision}-{shape}{cfg}-{self.format}"
+        weights = self.weights_hash.rpartition(":")[2][:10] or "w"  # two checkpoints of a preset: two names
+        return f"{self.stage}-{self.preset}-{weights}-{self.precision}-{shape}{cfg}-{self.format}"
 
     @property
     def engine_file(self) -> str:

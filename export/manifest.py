@@ -122,9 +122,30 @@ class Manifest:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Manifest":
+    def from_dict(cls, d: Any) -> "Manifest":
+        """A manifest from parsed JSON; ValueError when it is not one (wrong types, a file outside its folder):
+        callers treat such an engine as broken (rebuild it, report it in `engines verify`)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a manifest is a JSON object, this is a {type(d).__name__}")
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
+        missing = [k for k in _REQUIRED if k not in known]
+        if missing:
+            raise ValueError(f"fields missing: {', '.join(missing)}")
+        for key, kinds in _FIELD_TYPES.items():
+            if key in known and not isinstance(known[key], kinds) or (kinds is int and isinstance(known.get(key), bool)):
+                names = " or ".join(k.__name__ for k in (kinds if isinstance(kinds, tuple) else (kinds,)))
+                raise ValueError(f"field {key!r} must be {names}, got {type(known[key]).__name__}")
+        m = cls(**known)
+        for name, info in m.files.items():
+            check_file_name(name)
+            if not (isinstance(info, dict) and isinstance(info.get("sha256"), str)
+                    and isinstance(info.get("bytes"), int) and not isinstance(info.get("bytes"), bool)):
+                raise ValueError(f"files[{name!r}] must be {{'sha256': str, 'bytes': int}}, got {_short(info)}")
+        if m.engine_file:
+            check_file_name(m.engine_file)
+            if m.files and m.engine_file not in m.files:
+                raise ValueError(f"engine_file {m.engine_file!r} is not among its files")
+        return m
 
     @classmethod
     def read(cls, path: str | Path) -> "Manifest":
@@ -140,14 +161,17 @@ class Manifest:
         self.files = {n: {"sha256": sha256_file(directory / n), "bytes": (directory / n).stat().st_size} for n in names}
 
     def file_problems(self, directory: str | Path, *, check_sha: bool = True) -> list[str]:
-        """Missing, truncated or modified files (sizes always, sha256 when `check_sha`)."""
+        """Missing, truncated or modified files (sizes always, sha256 when `check_sha`), and files that resolve
+        outside `directory` (a symlink out of the engine folder)."""
         directory = Path(directory)
         problems = []
         if not self.files:
             problems.append("the manifest lists no files")
         for name, info in self.files.items():
             p = directory / name
-            if not p.is_file():
+            if not inside(p, directory):
+                problems.append(f"{name}: resolves outside the engine folder {directory} (refused)")
+            elif not p.is_file():
                 problems.append(f"{name}: missing")
             elif p.stat().st_size != info["bytes"]:
                 problems.append(f"{name}: {p.stat().st_size} bytes, the manifest says {info['bytes']} (truncated?)")
@@ -179,6 +203,28 @@ class Manifest:
                 if self.device.get(k) != want.device.get(k):
                     out.append(f"device {k}: engine built for {self.device.get(k)}, this is {want.device.get(k)}")
         return out
+
+
+_REQUIRED = ("stage", "preset", "format", "precision", "weights_hash", "spec", "dims", "dynamic")
+_FIELD_TYPES: dict[str, Any] = {
+    "stage": str, "preset": str, "format": str, "precision": str, "weights_hash": str, "spec": dict, "dims": dict,
+    "dynamic": bool, "profile": dict, "engine_file": str, "files": dict, "versions": dict, "device": dict,
+    "build": dict, "validation": dict, "manifest_version": int,
+}  # fmt: skip
+
+
+def check_file_name(name: Any) -> None:
+    """A manifest names its files by plain names inside its own folder: no paths, no '..', nothing absolute."""
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise ValueError(f"file name {name!r} is not a plain file name inside the engine folder (refused)")
+
+
+def inside(path: str | Path, directory: str | Path) -> bool:
+    """Whether `path`, with every symlink resolved, lies inside `directory` (also resolved)."""
+    try:
+        return Path(path).resolve().is_relative_to(Path(directory).resolve())
+    except (OSError, RuntimeError):  # a symlink loop
+        return False
 
 
 def _norm(value: Any) -> Any:

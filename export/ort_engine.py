@@ -118,7 +118,7 @@ class OrtEngine:
         self.load()
         dtypes = self.spec.dtypes(self.precision)
         inputs = {k: v.to(dtypes[k]) if v.is_floating_point() else v for k, v in named_inputs(feed, kw).items()}
-        values = check_inputs(self.spec, self.precision, inputs)
+        values = check_inputs(self.spec, self.precision, inputs, self.manifest)
         dev_type, dev_id = self.device.type, self.device.index or 0
         binding = self.session.io_binding()
         keep = []

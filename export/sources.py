@@ -10,6 +10,7 @@ import functools
 import hashlib
 import json
 import logging
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from cascade_rt.export.build import random_model
 from cascade_rt.export.manifest import Manifest
 from cascade_rt.export.specs import GRAPH_COMPONENT, PRECISIONS
 from cascade_rt.models.text import TextEncoder
+from cascade_rt.stages import RANDOM_SEED_OFFSETS
 from cascade_rt.weights import find_text_encoder, find_weights, load_stage
 
 logger = logging.getLogger(__name__)
@@ -36,22 +38,41 @@ class Source:
     record: dict[str, Any]
 
 
-def model_fingerprint(model: nn.Module, samples: int = 256) -> str:
-    """"model:<sha256>" of every tensor's name, dtype, shape and `samples` evenly spaced elements: the weights
-    identity of an in-memory model (checkpoint files use `weights.weights_hash(path)`)."""
-    h = hashlib.sha256(b"cascade-rt model fingerprint v1")
-    for name, t in sorted(model.state_dict().items()):
-        flat = t.detach().reshape(-1)
+_FINGERPRINTS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, str]] = weakref.WeakKeyDictionary()
+_CHUNK = 64 << 20
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """"model:<sha256>" of every tensor's name, dtype, shape and every byte of its data: the identity of an
+    in-memory model's weights (engine cache keys). Changing any element changes it.
+
+    CPU tensors are hashed in place (no copy); CUDA tensors travel to the host in 64 MiB chunks. The result is
+    remembered per model while no tensor was replaced or modified in place (same storage address and autograd
+    version counter), so the several engines of one model hash it once. Cost: about one pass over the weights
+    at sha256 speed (benchmarks/load_weights.py measures it; docs/reliability.md has the figure).
+    """
+    state = model.state_dict(keep_vars=True)
+    key = tuple((k, t.data_ptr(), t._version, str(t.device), t.dtype) for k, t in state.items())
+    cached = _FINGERPRINTS.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    h = hashlib.sha256(b"cascade-rt model fingerprint v2")
+    for name, t in sorted(state.items()):
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        if flat.numel() > samples:  # integer index arithmetic (a float32 linspace overshoots past 2**24)
-            flat = flat[torch.arange(samples, dtype=torch.int64) * (flat.numel() - 1) // (samples - 1)]
-        h.update(flat.cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return "model:" + h.hexdigest()
+        flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
+        for i in range(0, flat.numel(), _CHUNK):
+            h.update(flat[i : i + _CHUNK].cpu().numpy())
+    digest = "model:" + h.hexdigest()
+    _FINGERPRINTS[model] = (key, digest)
+    return digest
 
 
 def random_source(stage: str, preset: str, precision: str, seed: int = 0) -> Source:
-    model = random_model(preset, precision, seed=seed, device="cpu")
-    return Source(model, preset, model_fingerprint(model), {"random_seed": seed})
+    """The stage's model with the random weights `load_pipeline(random_weights=True, seed=seed)` builds for it
+    (per-component seed offsets: `stages.RANDOM_SEED_OFFSETS`), so exported engines serve `generate`."""
+    component_seed = seed + RANDOM_SEED_OFFSETS[GRAPH_COMPONENT[stage]]
+    model = random_model(preset, precision, seed=component_seed, device="cpu")
+    return Source(model, preset, model_fingerprint(model), {"random_seed": component_seed})
 
 
 def weights_source(stage: str, weights_dir: str | Path, precision: str, *, lite: bool = False) -> Source:
@@ -70,7 +91,7 @@ def weights_source(stage: str, weights_dir: str | Path, precision: str, *, lite:
         path = found[family]
         model = load_stage(family, path, dtype=dtype)
         preset = preset_of(model)
-    return Source(model, preset, weights_hash(path), {"weights": str(Path(path).resolve())})
+    return Source(model, preset, weights_hash(path, full=True), {"weights": str(Path(path).resolve())})
 
 
 def model_from_manifest(m: Manifest) -> nn.Module:
@@ -80,7 +101,7 @@ def model_from_manifest(m: Manifest) -> nn.Module:
         return random_model(m.preset, m.precision, seed=int(src["random_seed"]), device="cpu")
     if "weights" in src:
         path = Path(src["weights"])
-        if not path.exists() or weights_hash(path) != m.weights_hash:
+        if not path.exists() or weights_hash(path, full=True) != m.weights_hash:
             raise WeightsError(f"the weights this engine was built from ({path}) are missing or changed")
         if GRAPH_COMPONENT[m.stage] == "text":
             return TextEncoder.from_pretrained(path, dtype=PRECISIONS[m.precision])

@@ -209,7 +209,7 @@ class TrtEngine:
         Returns the engine's own output buffers, overwritten by the next call."""
         self.load()
         inputs = named_inputs(feed, kw)
-        values = check_inputs(self.spec, self.precision, inputs)
+        values = check_inputs(self.spec, self.precision, inputs, self.manifest)
         if any(not t.is_cuda or not t.is_contiguous() for t in inputs.values()):
             raise EngineError("TensorRT inputs must be contiguous CUDA tensors")
         if self._shape_key != tuple(sorted(values.items())):

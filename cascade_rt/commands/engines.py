@@ -1,9 +1,13 @@
 """`cascade-rt engines {list,verify,clean}`: inspect, re-check and tidy the engine cache.
 
-verify: every engine's files against its manifest (sizes, sha256), the manifest against this environment
-(library versions, device), and a fresh numerical validation against the eager model it was built from
-(random seeded weights are rebuilt; official weights are re-read from the recorded path). Exit status 1 if
-anything fails.
+verify: every engine's files against its manifest (sizes, sha256, inside the folder), the manifest against this
+environment (library versions, device) and against the weights it was built from (their hash now), and a fresh
+numerical validation against the eager model (random seeded weights are rebuilt; official weights are re-read
+from the recorded path; --no-numerics skips only this last part). Files no valid manifest lists and scratch
+folders of interrupted builds are reported. Exit status 1 if anything fails.
+
+clean: removes only what the cache makes (engine files, manifests, .build-* scratch folders) and no valid
+manifest keeps; other files and folders in the directory are never touched. --dry-run lists, removes nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--engine-dir", default="engines")
     p.add_argument("--no-numerics", action="store_true", help="verify: files and environment only")
     p.add_argument("--all", action="store_true", help="clean: remove every engine, not only broken ones")
+    p.add_argument("--dry-run", action="store_true", help="clean: list what would be removed, remove nothing")
     p.set_defaults(func=run)
 
 
@@ -31,9 +36,11 @@ def run(args: argparse.Namespace) -> int:
 
     cache = EngineCache(args.engine_dir)
     if args.action == "clean":
-        removed = cache.clean(everything=args.all)
+        removed = cache.clean(everything=args.all, dry_run=args.dry_run)
         for path in removed:
-            print(f"removed {path}")
+            print(f"{'would remove' if args.dry_run else 'removed'} {path}")
+        if not removed:
+            print(f"nothing to remove in {cache.root}", file=sys.stderr)
         return 0
     entries = cache.entries()
     if args.action == "list":
@@ -52,8 +59,11 @@ def run(args: argparse.Namespace) -> int:
         else:
             status = entry.manifest.validation.get("status") if entry.manifest else "?"
             print(f"ok   {name} ({status})")
+    leftovers = cache.leftovers()
+    for path in leftovers:  # orphan engine files, half-written manifests, scratch folders of interrupted builds
+        print(f"LEFTOVER {path.name}: no valid manifest lists it (`cascade-rt engines clean` removes it)")
     print(f"{len(entries) - failed}/{len(entries)} engines verified in {cache.root}", file=sys.stderr)
-    return 1 if failed else 0
+    return 1 if failed or leftovers else 0
 
 
 def list_row(entry) -> dict:

@@ -4,6 +4,7 @@ builds (a crash never leaves an engine that loads), validation failures, `cascad
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 from cascade_rt.cli import main
 from cascade_rt.errors import EngineError, NumericsError
 from cascade_rt.export import build as build_mod
-from cascade_rt.export import onnx_export, validate
+from cascade_rt.export import validate
 from cascade_rt.export.build import EngineRequest
 from cascade_rt.export.cache import EngineCache
 from cascade_rt.export.manifest import Manifest
@@ -62,7 +63,7 @@ def test_verify_fails_when_versions_or_weights_changed(engines_copy: Path, capsy
     m["build"]["weights_source"]["random_seed"] = 1  # the engine no longer matches the weights it claims
     path.write_text(json.dumps(m))
     assert verify_cli(engines_copy) == 1
-    assert "rel_l2" in capsys.readouterr().out
+    assert "weights it was built from have changed" in capsys.readouterr().out
 
 
 def test_reuse_refuse_and_rebuild(tmp_path: Path, previewer):
@@ -76,15 +77,20 @@ def test_reuse_refuse_and_rebuild(tmp_path: Path, previewer):
     x = torch.randn(1, 16, 6, 6)
     assert engine({"latent": x})["preview"].shape == (1, 3, 48, 48)
 
-    other = random_source("previewer", "previewer_tiny", "fp32", seed=1)  # weights changed
-    stale = request_for(other)
-    reasons = cache.problems(stale)
-    assert any(r.startswith("weights_hash: engine has") for r in reasons), reasons
-    with pytest.raises(EngineError, match="weights_hash"):
-        cache.load(stale)
-    cache.ensure(stale, other.model)  # rebuilt in the same slot
-    assert Manifest.read(cache.manifest_path(stale)).weights_hash == other.weights_hash
-    assert cache.problems(request) and not cache.problems(stale)
+    other = random_source("previewer", "previewer_tiny", "fp32", seed=1)  # other weights: another engine
+    second = request_for(other)
+    assert second.engine_file != request.engine_file  # the weights hash is part of the name: no shared slot
+    with pytest.raises(EngineError, match="no engine built yet"):
+        cache.load(second)
+    cache.ensure(second, other.model)
+    assert Manifest.read(cache.manifest_path(second)).weights_hash == other.weights_hash
+    assert not cache.problems(request) and not cache.problems(second)  # both stay usable
+
+    path = cache.manifest_path(second)  # a manifest whose name fits but whose weights do not: refused
+    m = json.loads(path.read_text())
+    m["weights_hash"] = previewer.weights_hash
+    path.write_text(json.dumps(m))
+    assert any(r.startswith("weights_hash: engine has") for r in cache.problems(second))
 
 
 def test_foreign_versions_and_device_are_refused(tmp_path: Path, previewer):
@@ -114,7 +120,8 @@ def test_crash_mid_build_leaves_no_loadable_engine(tmp_path: Path, previewer, mo
     request = request_for(previewer)
     with pytest.raises(RuntimeError, match="simulated crash"):
         cache.ensure(request, previewer.model)
-    assert sorted(p.name for p in tmp_path.iterdir()) == []  # scratch removed, nothing installed
+    left = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".lock-"))
+    assert left == []  # scratch removed, nothing installed (only the builders' lock file stays)
     with pytest.raises(EngineError, match="no engine built yet"):
         cache.load(request)
 
@@ -150,12 +157,15 @@ def test_engines_list_and_clean_cli(engines_copy: Path, capsys):
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 8 and all(r["validation"] == "passed" for r in rows)
     (engines_copy / ".build-leftover.abc").mkdir()
-    (engines_copy / "orphan.onnx").write_bytes(b"x")
+    orphan = "stage_a-stage_a_tiny-0123456789-fp32-b1-256x256-onnxruntime.onnx"  # an engine no manifest lists
+    (engines_copy / orphan).write_bytes(b"x")
+    (engines_copy / "notes.onnx").write_bytes(b"mine")  # not a name the cache makes: never touched
     assert main(["engines", "clean", "--engine-dir", str(engines_copy)]) == 0
     out = capsys.readouterr().out
-    assert "orphan.onnx" in out and ".build-leftover" in out and len(list(engines_copy.glob("*.json"))) == 8
+    assert orphan in out and ".build-leftover" in out and len(list(engines_copy.glob("*.json"))) == 8
+    assert "notes.onnx" not in out
     assert main(["engines", "clean", "--all", "--engine-dir", str(engines_copy)]) == 0
-    assert list(engines_copy.iterdir()) == []
+    assert [p.name for p in engines_copy.iterdir()] == ["notes.onnx"]
 
 
 def test_export_from_a_weights_folder_and_verify_notices_new_weights(tmp_path: Path, save_official, capsys):
@@ -168,7 +178,7 @@ def test_export_from_a_weights_folder_and_verify_notices_new_weights(tmp_path: P
             "--height", "256", "--width", "256", "--engine-dir", str(root)]  # fmt: skip
     assert main(argv) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert rows[0]["engine"] == "stage_a-stage_a_tiny-fp32-b1-256x256-onnxruntime.onnx"
+    assert re.fullmatch(r"stage_a-stage_a_tiny-[0-9a-f]{10}-fp32-b1-256x256-onnxruntime\.onnx", rows[0]["engine"])
     assert Manifest.read(next(root.glob("*.json"))).build["weights_source"]["weights"].endswith("stage_a.safetensors")
     assert verify_cli(root) == 0
     save_official(build_model("stage_a_tiny", seed=2), weights / "stage_a.safetensors")  # the weights changed

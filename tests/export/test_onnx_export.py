@@ -17,7 +17,7 @@ from cascade_rt.export.graph_modules import run_graph, stage_graph
 from cascade_rt.export.manifest import Manifest
 from cascade_rt.export.onnx_export import check_onnx
 from cascade_rt.export.opener import open_engine
-from cascade_rt.export.sources import model_from_manifest
+from cascade_rt.export.sources import model_from_manifest, random_source
 from cascade_rt.export.specs import GRAPHS, Dims, StageSpec, make_spec
 from cascade_rt.export.validate import output_errors, tolerance_for
 
@@ -64,7 +64,7 @@ def test_ort_parity_fp32_on_fresh_inputs(tiny_onnx_dir: Path, stage: str):
 @pytest.mark.parametrize("preset,family", [("stage_c_tiny", "c"), ("stage_b_tiny", "b")])
 def test_split_graphs_equal_the_unsplit_model(tiny_onnx_dir: Path, preset: str, family: str):
     """denoiser(conditioning(...)) == the official forward, eagerly and through the two ONNX graphs."""
-    model = random_model(preset, "fp32", seed=0, device="cpu")
+    model = random_source(f"stage_{family}", preset, "fp32", seed=0).model  # the weights the CLI exported
     found = manifests(tiny_onnx_dir)
     cond_engine, den_engine = open_engine(found[f"stage_{family}_cond"]), open_engine(found[f"stage_{family}"])
     cond_spec, den_spec = cond_engine.spec, den_engine.spec

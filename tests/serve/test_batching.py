@@ -1,0 +1,56 @@
+"""Dynamic batching: concurrent requests share model batches, and each gets the images it would get alone."""
+
+from __future__ import annotations
+
+import base64
+import io
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from tests.serve.conftest import FAST
+
+
+def generate(url: str, body: dict) -> httpx.Response:
+    return httpx.post(f"{url}/v1/images/generations", json=body, timeout=120)
+
+
+def pixels(response: httpx.Response) -> list[np.ndarray]:
+    return [np.asarray(Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))), dtype=np.float64)
+            for d in response.json()["data"]]  # fmt: skip
+
+
+def test_concurrent_requests_share_batches_and_match_one_by_one(server):
+    bodies = [{"prompt": f"prompt {i}", "seed": 100 + i, "n": 1 + (i == 1), **FAST} for i in range(5)]
+    before = server.batches()
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        responses = list(pool.map(lambda b: generate(server.url, b), bodies))
+    batches = server.batches() - before
+    assert [r.status_code for r in responses] == [200] * len(bodies)
+    # 6 images, max_batch 4, max_wait 300 ms: at least two requests shared a batch (fewer batches than requests)
+    assert 2 <= batches < len(bodies), batches
+    refs = [server.pipe(b["prompt"], images_per_prompt=b["n"], seed=b["seed"], height=256, width=256, **FAST)
+            for b in bodies]  # fmt: skip
+    for body, response, ref in zip(bodies, responses, refs):
+        got = pixels(response)
+        assert len(got) == body["n"]
+        for image, want in zip(got, ref.images):
+            # per-request generators make the noise identical; what differs is the CPU kernels' batch-size
+            # dependent fp32 rounding (~5e-7 per model call), which untrained random weights amplify over the
+            # steps. Images of different seeds differ by ~100 levels on average.
+            diff = np.abs(image - np.asarray(want, dtype=np.float64))
+            assert diff.mean() < 1.0 and np.mean(diff > 8) < 0.01, (diff.mean(), np.mean(diff > 8))
+    other = np.abs(pixels(responses[0])[0] - pixels(responses[2])[0]).mean()
+    assert other > 20, other
+
+
+def test_different_settings_queue_separately(server):
+    bodies = [{"prompt": "a", "seed": 1, **FAST}, {"prompt": "a", "seed": 1, "steps_c": 3, "steps_b": 2}]
+    before = server.batches()
+    with ThreadPoolExecutor(2) as pool:
+        responses = list(pool.map(lambda b: generate(server.url, b), bodies))
+    assert [r.status_code for r in responses] == [200, 200]
+    assert server.batches() - before == 2  # different steps: never merged
+    assert np.abs(pixels(responses[0])[0] - pixels(responses[1])[0]).mean() > 1

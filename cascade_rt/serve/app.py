@@ -20,6 +20,8 @@ import io
 import itertools
 import json
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
@@ -55,6 +57,7 @@ class ServeConfig:
     model_name: str = "stable-cascade"
     random_weights: bool = False
     seed: int | None = None  # requests without a seed get seed, seed + 1, ... (None: random seeds)
+    load_in_background: bool = True  # False: start-up returns once ready (Ray Serve replicas: ready = constructed)
 
     @property
     def limits(self) -> Limits:
@@ -127,11 +130,22 @@ def create_app(load: Callable[[], Any], config: ServeConfig | None = None) -> Fa
     async def lifespan(app: FastAPI):
         service = app.state.service = Service(config)
         loading = asyncio.create_task(service.load(load))
+        if not config.load_in_background:
+            await loading
+            if service.failure:
+                raise RuntimeError(f"loading the model failed: {service.failure}")
         yield
         await loading
         await service.shutdown()
 
     app = FastAPI(title="cascade-rt", lifespan=lifespan, docs_url=None, redoc_url=None)
+    served_by = f"{socket.gethostname()}:{os.getpid()}"
+
+    @app.middleware("http")
+    async def replica_header(request: Request, call_next):
+        response = await call_next(request)
+        response.headers["X-Served-By"] = served_by  # host:pid of the process (the Ray Serve replica) that answered
+        return response
 
     def service_of(request: Request) -> Service:
         return request.app.state.service

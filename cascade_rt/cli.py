@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "cascade_rt.commands.export",
     "cascade_rt.commands.engines",
     "cascade_rt.commands.serve",
+    "cascade_rt.commands.bench_serve",
 ]
 
 

@@ -139,13 +139,7 @@ def create_app(load: Callable[[], Any], config: ServeConfig | None = None) -> Fa
         await service.shutdown()
 
     app = FastAPI(title="cascade-rt", lifespan=lifespan, docs_url=None, redoc_url=None)
-    served_by = f"{socket.gethostname()}:{os.getpid()}"
-
-    @app.middleware("http")
-    async def replica_header(request: Request, call_next):
-        response = await call_next(request)
-        response.headers["X-Served-By"] = served_by  # host:pid of the process (the Ray Serve replica) that answered
-        return response
+    app.add_middleware(ServedBy)
 
     def service_of(request: Request) -> Service:
         return request.app.state.service
@@ -227,7 +221,7 @@ def create_app(load: Callable[[], Any], config: ServeConfig | None = None) -> Fa
                                          return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
             if job.future in done:
                 return job.future.result()
-            job.cancel()
+            service_of(request).batcher.cancel(job)
             if watch in done:
                 raise _ClientGone()
             raise DeadlineExceeded(f"no result within the request's deadline ({remaining:.1f} s left when it "
@@ -304,7 +298,7 @@ def create_app(load: Callable[[], Any], config: ServeConfig | None = None) -> Fa
                         continue
                     getter.cancel()
                     if waiter not in done:
-                        job.cancel()
+                        s.batcher.cancel(job)
                         raise DeadlineExceeded("no result within the request's deadline; the work was dropped "
                                                "if it had not started")  # fmt: skip
                     break
@@ -318,7 +312,7 @@ def create_app(load: Callable[[], Any], config: ServeConfig | None = None) -> Fa
                                 {"b64_json": b64_png(job.spec, im, i), "index": i, "seed": job.spec.seed,
                                  "output_format": "png"})  # fmt: skip
             except asyncio.CancelledError:  # the client went away
-                job.cancel()
+                s.batcher.cancel(job)
                 status = 499
                 raise
             except Exception as exc:  # noqa: BLE001
@@ -376,6 +370,25 @@ def create_app(load: Callable[[], Any], config: ServeConfig | None = None) -> Fa
         return await respond(request, "generate", parse, png)
 
     return app
+
+
+class ServedBy:
+    """Adds `X-Served-By: host:pid` (which process, which Ray Serve replica, answered) to every response. A plain
+    ASGI middleware: Starlette's BaseHTTPMiddleware would hide client disconnects from the routes."""
+
+    def __init__(self, app: Any) -> None:
+        self.app, self.value = app, f"{socket.gethostname()}:{os.getpid()}".encode()
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_header(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"x-served-by", self.value)]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_header)
 
 
 class _ClientGone(Exception):

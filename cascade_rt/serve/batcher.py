@@ -112,6 +112,11 @@ class Batcher:
         self._wake.set()
         return job
 
+    def cancel(self, job: Job) -> None:
+        """Drop a job whose client gave up (disconnect, deadline): out of the queue now if it has not started."""
+        job.cancel()
+        self._wake.set()
+
     def _gauge(self) -> None:
         if self.metrics is not None:
             self.metrics.queue_depth.set(self.waiting)

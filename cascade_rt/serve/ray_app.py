@@ -16,6 +16,7 @@ requests between them, replacing a replica that dies, autoscaling (`autoscaling=
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 from collections.abc import Callable, Mapping
@@ -48,8 +49,8 @@ def build_app(pipeline: Mapping[str, Any] | Callable[[], Any], config: ServeConf
     """A Ray Serve application: `pipeline` is `load_pipeline` keyword arguments (or a loader callable)."""
     from ray import serve
 
-    config = config or ServeConfig()
-    config.load_in_background = False  # Ray routes to a replica once its constructor (the app start-up) returns
+    # Ray routes to a replica once its constructor (the app start-up) returns: load before that
+    config = dataclasses.replace(config or ServeConfig(), load_in_background=False)
     load = pipeline if callable(pipeline) else pipeline_loader(pipeline)
 
     def make_app():

@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import socket
-import threading
-import time
-from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import pytest
 import torch
 
@@ -21,48 +17,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@dataclass
 class Running:
-    url: str
-    app: Any
-    server: Any
-    thread: threading.Thread
-    pipe: Any
+    """A `LocalServer` (a real uvicorn server on a loopback port) plus the pipeline it serves."""
+
+    def __init__(self, local, pipe) -> None:
+        self.local, self.pipe, self.url = local, pipe, local.url
 
     @property
     def service(self):
-        return self.app.state.service
+        return self.local.service
 
     def batches(self) -> int:
         return self.service.batcher.batches
 
     def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
+        self.local.__exit__()
 
 
 def start_server(pipe: Any, **config: Any) -> Running:
-    import uvicorn
-
-    from cascade_rt.serve.app import ServeConfig, create_app
+    from cascade_rt.serve.app import ServeConfig
+    from cascade_rt.serve.loadgen import LocalServer
 
     cfg = ServeConfig(**{"sizes": ((256, 256),), "warmup_steps": 1, "random_weights": True, **config})
-    app = create_app(lambda: pipe, cfg)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return Running(url, app, server, thread, pipe)
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    server.should_exit = True
-    raise RuntimeError("the test server did not become ready within 60 s")
+    return Running(LocalServer(lambda: pipe, cfg, ready_timeout=60).__enter__(), pipe)
 
 
 @pytest.fixture(scope="session")

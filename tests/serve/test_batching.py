@@ -54,3 +54,13 @@ def test_different_settings_queue_separately(server):
     assert [r.status_code for r in responses] == [200, 200]
     assert server.batches() - before == 2  # different steps: never merged
     assert np.abs(pixels(responses[0])[0] - pixels(responses[1])[0]).mean() > 1
+
+
+def test_load_generator_counts_every_request(server):
+    from cascade_rt.serve.loadgen import run_load
+
+    before = server.batches()
+    row = run_load(server.url, {"prompt": "load", **FAST}, concurrency=3, requests=6)
+    assert row["ok"] == 6 and row["statuses"] == {200: 6}
+    assert 0 < row["p50_s"] <= row["p99_s"] and row["images_per_s"] > 0
+    assert server.batches() - before < 6  # three clients in flight share batches

@@ -122,10 +122,10 @@ def report(results: dict) -> str:
     lines = [
         f"# Serving load: {env['device']} ({env.get('device_detail', '')}), git {env['git_sha'][:7]}",
         "",
-        f"{results['created']}; `{results['command']}`; {wl['preset']} models, {wl['size']}, Stage C "
-        f"{wl['steps_c']} steps, Stage B {wl['steps_b']} steps, max batch {wl['max_batch']}, "
-        f"{wl['requests_per_point']} requests per point, closed-loop clients; load average at start "
-        f"{env.get('load_avg')}.",
+        (f"{results['created']}; `{results['command']}`; {wl['preset']} models, {wl['size']}, Stage C "
+         f"{wl['steps_c']} steps, Stage B {wl['steps_b']} steps, max batch {wl['max_batch']}, "
+         f"{wl['requests_per_point']} requests per point, closed-loop clients; load average at start "
+         f"{env.get('load_avg')}."),
         "",
         "| max-wait ms | concurrency | images/s | p50 s | p99 s | images/batch | statuses |",
         "|---:|---:|---:|---:|---:|---:|---|",

@@ -34,11 +34,24 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from cascade_rt.errors import CascadeError, ConfigError, NumericsError
-from cascade_rt.serve.batcher import Batcher, DeadlineExceeded, Job, QueueFull, ShuttingDown
+from cascade_rt.serve.batcher import (
+    Batcher,
+    DeadlineExceeded,
+    Job,
+    QueueFull,
+    ShuttingDown,
+)
 from cascade_rt.serve.engine import BatchEngine
 from cascade_rt.serve.metrics import ServeMetrics
 from cascade_rt.serve.schemas import (
-    GenerationSpec, Limits, RequestError, decode_image, form_to_body, load_json, parse_generation, parse_multipart,
+    GenerationSpec,
+    Limits,
+    RequestError,
+    decode_image,
+    form_to_body,
+    load_json,
+    parse_generation,
+    parse_multipart,
 )  # fmt: skip
 
 logger = logging.getLogger(__name__)

@@ -91,6 +91,6 @@ class LocalServer:
     def service(self) -> Any:
         return self.app.state.service
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=60)

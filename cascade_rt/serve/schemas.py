@@ -14,10 +14,10 @@ import binascii
 import io
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.parser import BytesParser
 from email.policy import HTTP
-from collections.abc import Callable
 from typing import Any, Literal
 
 from PIL import Image, UnidentifiedImageError

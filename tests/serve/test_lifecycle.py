@@ -16,7 +16,7 @@ from tests.serve.conftest import free_port
 def test_serve_command_readiness_and_graceful_sigterm(tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log = open(tmp_path / "serve.log", "w")
+    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - the server process writes it until the end
     t_start = time.monotonic()
     proc = subprocess.Popen(
         [sys.executable, "-m", "cascade_rt.cli", "serve", "--random-weights", "--preset", "tiny", "--dtype", "fp32",

@@ -82,7 +82,7 @@ def test_two_replicas_answer_and_a_killed_one_is_replaced(ray_url):
     assert all(errors)  # each failure says something
     assert any(c == 200 for when, c in results if when > killed + 1)  # the other replica kept answering
     print(f"under load: {codes.count(200)} answered 200, {len(errors)} ended in 5xx when the replica died: "
-          f"{sorted(set(c for c in codes if c != 200))}; {errors[:1]}")
+          f"{sorted({c for c in codes if c != 200})}; {errors[:1]}")
 
     end = time.monotonic() + 90  # Ray starts a replacement
     while time.monotonic() < end:

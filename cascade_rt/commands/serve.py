@@ -54,6 +54,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     r = p.add_argument_group("Ray Serve")
     r.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (a local cluster if none)")
     r.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (default 1)")
+    r.add_argument("--split-stages", action="store_true",
+                   help="Stage C and Stage B+A in separate deployments (--replicas replicas each, --gpus-per-replica "
+                        "GPUs each), composed behind one ingress")
     r.add_argument("--gpus-per-replica", type=float, default=None, help="GPUs per replica (default 1 on CUDA, else 0)")
     r.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs per replica (default 1)")
 

@@ -92,10 +92,14 @@ class Service:
         return next(self._seeds) if self._seeds is not None else None
 
     async def load(self, load: Callable[[], Any]) -> None:
+        """`load()` returns a pipeline (wrapped in a `BatchEngine`) or an engine with `prior`/`decoder`/`warmup`."""
         try:
             t0 = time.perf_counter()
-            pipe = await asyncio.to_thread(load)
-            self.engine = BatchEngine(pipe, overlap=self.config.overlap)
+            loaded = await asyncio.to_thread(load)
+            if hasattr(loaded, "prior") and hasattr(loaded, "decoder"):  # an engine (Ray Serve split deployments)
+                self.engine = loaded
+            else:  # a pipeline
+                self.engine = BatchEngine(loaded, overlap=self.config.overlap)
             self.info["load_s"] = round(time.perf_counter() - t0, 2)
             if self.config.warmup_steps > 0:
                 warm = await asyncio.to_thread(self.engine.warmup, self.config.sizes, self.config.max_batch,
@@ -107,7 +111,7 @@ class Service:
             self.batcher.start()
             self.ready = True
             self.metrics.ready.set(1)
-            logger.info("ready: %s (device %s, overlap %s)", self.info, pipe.device, self.engine.overlap)
+            logger.info("ready: %s (overlap %s)", self.info, self.engine.overlap)
         except Exception as exc:  # noqa: BLE001 - reported by /readyz and /healthz
             self.failure = f"{type(exc).__name__}: {exc}"
             logger.error("loading the model failed: %s", self.failure)

@@ -95,3 +95,37 @@ def test_two_replicas_answer_and_a_killed_one_is_replaced(ray_url):
     assert len(replicas()) == 2 and victim not in replicas()
     after = {generate(ray_url, i).headers["x-served-by"] for i in range(12)}
     assert len(after) == 2 and after != served  # two replicas again, one of them new
+
+
+def test_split_stage_c_and_stage_ba_deployments_compose_one_request_path(ray_url, tiny_pipe):
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from cascade_rt.serve.app import ServeConfig
+    from cascade_rt.serve.ray_app import build_split_app
+
+    config = ServeConfig(sizes=((256, 256),), max_batch=2, max_wait_ms=20, warmup_steps=0, random_weights=True)
+    app = build_split_app({"random_weights": True, "preset": "tiny", "device": "cpu", "dtype": "float32"}, config,
+                          cpus_per_replica=0.5, name="Split")  # fmt: skip
+    serve.run(app, name="split", route_prefix="/split")
+    names = {a["name"].split("#")[1] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["name"].startswith("SERVE_REPLICA::split#")}  # fmt: skip
+    assert names == {"Split", "SplitStageC", "SplitStageBA"}
+    body = {"prompt": "a kite", "n": 2, "seed": 21, **FAST}
+    r = httpx.post(f"{ray_url}/split/v1/images/generations", json=body, timeout=120)
+    whole = httpx.post(f"{ray_url}/v1/images/generations", json=body, timeout=120)  # the one-deployment app
+    assert r.status_code == 200 and whole.status_code == 200, r.text
+
+    def decode(response):
+        return [np.asarray(Image.open(io.BytesIO(base64.b64decode(d["b64_json"])))) for d in response.json()["data"]]
+
+    # the generators travelled with the Stage C result: the same images as the one-deployment app (replicas of
+    # both run with Ray's one thread per CPU), and as this process's pipeline up to its thread count's rounding
+    for image, same, want in zip(decode(r), decode(whole), tiny_pipe("a kite", images_per_prompt=2, seed=21,
+                                                                     height=256, width=256, **FAST).images):
+        assert np.array_equal(image, same)
+        assert np.abs(image.astype(float) - np.asarray(want, dtype=float)).mean() < 1.0
+    serve.delete("split")

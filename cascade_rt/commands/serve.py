@@ -54,6 +54,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     r = p.add_argument_group("Ray Serve")
     r.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (a local cluster if none)")
     r.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (default 1)")
+    r.add_argument("--max-replicas", type=int, default=None,
+                   help="autoscale between --replicas and this many replicas (Ray Serve's autoscaling)")
     r.add_argument("--split-stages", action="store_true",
                    help="Stage C and Stage B+A in separate deployments (--replicas replicas each, --gpus-per-replica "
                         "GPUs each), composed behind one ingress")

@@ -106,8 +106,11 @@ def run_ray(args: Any, config: ServeConfig) -> int:
                               decoder_replicas=args.replicas, gpus_per_stage=gpus,
                               cpus_per_replica=args.cpus_per_replica)  # fmt: skip
     else:
+        autoscaling = None
+        if args.max_replicas is not None and args.max_replicas > args.replicas:
+            autoscaling = {"min_replicas": args.replicas, "max_replicas": args.max_replicas}
         app = build_app(lambda: load_from_args(args), config, num_replicas=args.replicas, gpus_per_replica=gpus,
-                        cpus_per_replica=args.cpus_per_replica)  # fmt: skip
+                        cpus_per_replica=args.cpus_per_replica, autoscaling=autoscaling)  # fmt: skip
     serve.run(app, name="cascade-rt", route_prefix="/")
     print(f"serving on http://{args.host}:{args.port} with {args.replicas} Ray Serve replica(s)", flush=True)
     stop = threading.Event()

@@ -64,3 +64,41 @@ def test_load_generator_counts_every_request(server):
     assert row["ok"] == 6 and row["statuses"] == {200: 6}
     assert 0 < row["p50_s"] <= row["p99_s"] and row["images_per_s"] > 0
     assert server.batches() - before < 6  # three clients in flight share batches
+
+
+def test_row_generators_draw_each_requests_rows_from_its_own_seed():
+    import pytest
+    import torch
+
+    from cascade_rt.errors import ConfigError
+    from cascade_rt.sampling import RowGenerators, draw_noise
+
+    gens = RowGenerators([(torch.Generator().manual_seed(s), n) for s, n in ((5, 1), (9, 2), (5, 1))])
+    like = torch.empty(4, 3, 2, 2)
+    first, second = draw_noise(like, gens), draw_noise(like, gens)
+    for rows, seed, n in ((slice(0, 1), 5, 1), (slice(1, 3), 9, 2), (slice(3, 4), 5, 1)):
+        alone = torch.Generator().manual_seed(seed)
+        assert torch.equal(first[rows], torch.randn((n, 3, 2, 2), generator=alone))
+        assert torch.equal(second[rows], torch.randn((n, 3, 2, 2), generator=alone))  # the next draw continues
+    with pytest.raises(ConfigError, match="batch of 5 rows"):
+        gens.randn((5, 3))
+
+
+def test_overlapped_phases_keep_every_answer(server):
+    """The pipelined schedule (the next batch's prior while this batch's decoder runs, as on CUDA) run on the CPU's
+    two worker threads: same answers, fewer batches than requests."""
+    engine = server.service.engine
+    engine.overlap = True
+    try:
+        bodies = [{"prompt": f"overlap {i}", "seed": 200 + i, **FAST} for i in range(6)]
+        before = server.batches()
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            responses = list(pool.map(lambda b: generate(server.url, b), bodies))
+        assert [r.status_code for r in responses] == [200] * 6
+        assert server.batches() - before < 6
+    finally:
+        engine.overlap = False
+    for body, response in zip(bodies, responses):
+        want = server.pipe(body["prompt"], seed=body["seed"], height=256, width=256, **FAST).images[0]
+        diff = np.abs(pixels(response)[0] - np.asarray(want, dtype=np.float64))
+        assert diff.mean() < 1.0 and np.mean(diff > 8) < 0.01, (diff.mean(), np.mean(diff > 8))

@@ -70,6 +70,19 @@ def test_native_generate_returns_png_with_metadata(server):
     assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(ref.images[0]))
 
 
+def test_native_generate_image_to_image(server):
+    source = Image.fromarray(np.random.default_rng(1).integers(0, 255, (256, 256, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    source.save(buf, format="PNG")
+    body = {"prompt": "a lamp", "seed": 8, "image": base64.b64encode(buf.getvalue()).decode(), "strength": 0.6, **FAST}
+    r = httpx.post(f"{server.url}/v1/generate", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    image = Image.open(io.BytesIO(r.content))
+    assert json.loads(image.text["cascade-rt"])["mode"] == "image"
+    ref = server.pipe("a lamp", seed=8, height=256, width=256, image=source, strength=0.6, **FAST)
+    assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(ref.images[0]))
+
+
 def test_stream_sends_the_stage_c_preview_then_the_image(server):
     events = []
     body = {"prompt": "a boat", "seed": 4, "stream": True, **FAST}

@@ -44,6 +44,7 @@ from cascade_rt.serve.batcher import (
 from cascade_rt.serve.engine import BatchEngine
 from cascade_rt.serve.metrics import ServeMetrics
 from cascade_rt.serve.schemas import (
+    MAX_IMAGE_BYTES,
     GenerationSpec,
     Limits,
     RequestError,
@@ -55,6 +56,7 @@ from cascade_rt.serve.schemas import (
 )  # fmt: skip
 
 logger = logging.getLogger(__name__)
+MAX_BODY_BYTES = MAX_IMAGE_BYTES * 4 // 3 + 2**20  # a base64 image at the limit, plus the other fields
 RANDOM_NOTE = "RANDOM WEIGHTS: the models are untrained (seeded random); the image shows noise, not the prompt"
 
 
@@ -344,12 +346,12 @@ def create_app(load: Callable[[], Any], config: ServeConfig | None = None) -> Fa
     @app.post("/v1/images/generations")
     async def generations(request: Request) -> Response:
         async def parse() -> GenerationSpec:
-            return parse_generation(load_json(await request.body()), config.limits, next_seed=seeds(request))
+            return parse_generation(load_json(await read_body(request)), config.limits, next_seed=seeds(request))
 
         return await respond(request, "generations", parse, openai_body)
 
     async def parse_upload(request: Request, mode: str) -> GenerationSpec:
-        fields, files = parse_multipart(request.headers.get("content-type", ""), await request.body())
+        fields, files = parse_multipart(request.headers.get("content-type", ""), await read_body(request))
         extra = sorted(set(files) - {"image"})
         if extra:
             raise RequestError(400, f"{', '.join(extra)}: not supported (no inpainting masks); send only 'image'",
@@ -373,7 +375,7 @@ def create_app(load: Callable[[], Any], config: ServeConfig | None = None) -> Fa
     @app.post("/v1/generate")
     async def generate(request: Request) -> Response:
         async def parse() -> GenerationSpec:
-            spec = parse_generation(load_json(await request.body()), config.limits, native=True,
+            spec = parse_generation(load_json(await read_body(request)), config.limits, native=True,
                                     next_seed=seeds(request))
             if spec.n != 1 or spec.stream:
                 raise RequestError(400, "/v1/generate returns one PNG: n must be 1 and stream false; use "
@@ -387,6 +389,18 @@ def create_app(load: Callable[[], Any], config: ServeConfig | None = None) -> Fa
         return await respond(request, "generate", parse, png)
 
     return app
+
+
+async def read_body(request: Request) -> bytes:
+    """The request body, refused (413) past MAX_BODY_BYTES before it is read when Content-Length says so."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise RequestError(413, f"the body is {declared} bytes; the limit is {MAX_BODY_BYTES} (images up to "
+                                f"{MAX_IMAGE_BYTES} bytes)")  # fmt: skip
+    body = await request.body()
+    if len(body) > MAX_BODY_BYTES:
+        raise RequestError(413, f"the body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}")
+    return body
 
 
 class ServedBy:

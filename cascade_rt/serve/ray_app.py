@@ -66,6 +66,7 @@ def build_app(pipeline: Mapping[str, Any] | Callable[[], Any], config: ServeConf
         "name": name,
         "ray_actor_options": {"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica},
         "max_ongoing_requests": config.max_queue + config.max_batch,  # the replica's own queue decides (429)
+        "max_queued_requests": config.max_queue,  # past that, Ray answers 503 at once instead of queueing more
         "health_check_period_s": 2.0,
         "health_check_timeout_s": 30.0,
     }

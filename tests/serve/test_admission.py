@@ -44,6 +44,7 @@ BAD = [  # (endpoint, body kwargs for httpx, expected status, words in the reaso
      "'two' is not a number"),
     ("edits", {"json": {"prompt": "a"}}, 400, "multipart/form-data"),
     ("generate", {"json": {"prompt": "a", "n": 2}}, 400, "n must be 1"),
+    ("generate", {"content": b'{"prompt": "' + b"a" * (30 * 2**20) + b'"}'}, 413, "the limit is"),
     ("generate", {"json": {"prompt": "a", "image": "%%%"}}, 400, "not base64"),
     ("generate", {"json": {"prompt": "a", "image": "aGVsbG8="}}, 400, "cannot be decoded as an image"),
 ]

@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import itertools
 import json
 import logging
-import os
-import socket
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
@@ -31,33 +28,18 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 
 from cascade_rt.errors import CascadeError, ConfigError, NumericsError
-from cascade_rt.serve.batcher import (
-    Batcher,
-    DeadlineExceeded,
-    Job,
-    QueueFull,
-    ShuttingDown,
-)
+from cascade_rt.serve.batcher import Batcher, DeadlineExceeded, Job, QueueFull, ShuttingDown
 from cascade_rt.serve.engine import BatchEngine
 from cascade_rt.serve.metrics import ServeMetrics
+from cascade_rt.serve.responses import ClientGone, Refusal, ServedBy, encode_png, error_response, read_body
 from cascade_rt.serve.schemas import (
-    MAX_IMAGE_BYTES,
-    GenerationSpec,
-    Limits,
-    RequestError,
-    decode_image,
-    form_to_body,
-    load_json,
-    parse_generation,
-    parse_multipart,
+    GenerationSpec, Limits, RequestError, decode_image, form_to_body, load_json,
+    parse_generation, parse_multipart,
 )  # fmt: skip
 
 logger = logging.getLogger(__name__)
-MAX_BODY_BYTES = MAX_IMAGE_BYTES * 4 // 3 + 2**20  # a base64 image at the limit, plus the other fields
-RANDOM_NOTE = "RANDOM WEIGHTS: the models are untrained (seeded random); the image shows noise, not the prompt"
 
 
 @dataclass
@@ -125,22 +107,6 @@ class Service:
             await self.batcher.stop()
 
 
-def error_response(status: int, message: str, kind: str, param: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:  # fmt: skip
-    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-def encode_png(image: Image.Image, meta: dict[str, Any], random_weights: bool) -> bytes:
-    info = PngInfo()
-    info.add_text("cascade-rt", json.dumps(meta))
-    if random_weights:
-        info.add_text("cascade-rt-weights", RANDOM_NOTE)
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=info)
-    return buf.getvalue()
-
-
 def create_app(load: Callable[[], Any], config: ServeConfig | None = None) -> FastAPI:
     """The FastAPI application; `load()` returns the pipeline (it runs on a thread after start)."""
     config = config or ServeConfig()
@@ -202,7 +168,7 @@ def create_app(load: Callable[[], Any], config: ServeConfig | None = None) -> Fa
         try:
             if not s.ready:
                 reason = s.failure or "the model is loading (weights, warm-up)"
-                raise _Refusal(503, f"not ready: {reason}; retry when GET /readyz answers 200", "unavailable",
+                raise Refusal(503, f"not ready: {reason}; retry when GET /readyz answers 200", "unavailable",
                                {"Retry-After": "5"})  # fmt: skip
             spec = await parse()
             timeout = config.request_timeout_s
@@ -223,12 +189,12 @@ def create_app(load: Callable[[], Any], config: ServeConfig | None = None) -> Fa
         except ShuttingDown as exc:
             s.metrics.observe_request(endpoint, 503, None)
             return error_response(503, str(exc), "unavailable", headers={"Retry-After": "1"})
-        except _Refusal as exc:
+        except Refusal as exc:
             s.metrics.observe_request(endpoint, exc.status, None)
             return error_response(exc.status, exc.message, exc.kind, headers=exc.headers)
 
     async def outcome(request: Request, job: Job) -> list[Image.Image]:
-        """The job's images; raises its batch's error, DeadlineExceeded, or _ClientGone."""
+        """The job's images; raises its batch's error, DeadlineExceeded, or ClientGone."""
         async def disconnected() -> None:
             while not await request.is_disconnected():
                 await asyncio.sleep(0.05)
@@ -242,7 +208,7 @@ def create_app(load: Callable[[], Any], config: ServeConfig | None = None) -> Fa
                 return job.future.result()
             service_of(request).batcher.cancel(job)
             if watch in done:
-                raise _ClientGone()
+                raise ClientGone()
             raise DeadlineExceeded(f"no result within the request's deadline ({remaining:.1f} s left when it "
                                    "was queued); the work was dropped if it had not started")  # fmt: skip
         finally:
@@ -271,7 +237,7 @@ def create_app(load: Callable[[], Any], config: ServeConfig | None = None) -> Fa
             return stream(request, endpoint, job, t0)
         try:
             images = await outcome(request, job)
-        except _ClientGone:
+        except ClientGone:
             s.metrics.observe_request(endpoint, 499, None)
             return Response(status_code=499)
         except Exception as exc:  # noqa: BLE001 - one answer per accepted request
@@ -389,44 +355,3 @@ def create_app(load: Callable[[], Any], config: ServeConfig | None = None) -> Fa
         return await respond(request, "generate", parse, png)
 
     return app
-
-
-async def read_body(request: Request) -> bytes:
-    """The request body, refused (413) past MAX_BODY_BYTES before it is read when Content-Length says so."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise RequestError(413, f"the body is {declared} bytes; the limit is {MAX_BODY_BYTES} (images up to "
-                                f"{MAX_IMAGE_BYTES} bytes)")  # fmt: skip
-    body = await request.body()
-    if len(body) > MAX_BODY_BYTES:
-        raise RequestError(413, f"the body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}")
-    return body
-
-
-class ServedBy:
-    """Adds `X-Served-By: host:pid` (which process, which Ray Serve replica, answered) to every response. A plain
-    ASGI middleware: Starlette's BaseHTTPMiddleware would hide client disconnects from the routes."""
-
-    def __init__(self, app: Any) -> None:
-        self.app, self.value = app, f"{socket.gethostname()}:{os.getpid()}".encode()
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-
-        async def send_with_header(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), (b"x-served-by", self.value)]}
-            await send(message)
-
-        await self.app(scope, receive, send_with_header)
-
-
-class _ClientGone(Exception):
-    pass
-
-
-class _Refusal(Exception):
-    def __init__(self, status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.kind, self.headers = status, message, kind, headers

@@ -60,9 +60,9 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     header = environment_header(device, [])
     header["schema"] = "cascade-rt-bench-serve/1"
+    shown = ("preset", "dtype", "max_batch", "requests", "steps_c", "steps_b", "url")
     header["command"] = "cascade-rt bench-serve " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-        if k in ("preset", "dtype", "max_batch", "requests", "steps_c", "steps_b", "url") and v is not None)  # fmt: skip
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k in shown and v is not None)
     config = config_from_args(_server_args(args, 0.0))
     height, width = config.sizes[0]
     body = {"prompt": "a photograph of a lighthouse", "size": f"{width}x{height}", "steps_c": args.steps_c,

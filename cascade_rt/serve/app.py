@@ -35,8 +35,14 @@ from cascade_rt.serve.engine import BatchEngine
 from cascade_rt.serve.metrics import ServeMetrics
 from cascade_rt.serve.responses import ClientGone, Refusal, ServedBy, encode_png, error_response, read_body
 from cascade_rt.serve.schemas import (
-    GenerationSpec, Limits, RequestError, decode_image, form_to_body, load_json,
-    parse_generation, parse_multipart,
+    GenerationSpec,
+    Limits,
+    RequestError,
+    decode_image,
+    form_to_body,
+    load_json,
+    parse_generation,
+    parse_multipart,
 )  # fmt: skip
 
 logger = logging.getLogger(__name__)
@@ -75,14 +81,15 @@ class Service:
     def next_seed(self) -> int | None:
         return next(self._seeds) if self._seeds is not None else None
 
-    async def load(self, load: Callable[[], Any]) -> None:
-        """`load()` returns a pipeline (wrapped in a `BatchEngine`) or an engine with `prior`/`decoder`/`warmup`."""
+    async def load(self, load: Callable[[], Any], make_engine: Callable[[Any], Any] | None = None) -> None:
+        """`load()` returns a pipeline, run through a `BatchEngine` (or `make_engine(loaded)`: an object with
+        `prior`, `decoder`, `warmup` and `overlap`, as the Ray Serve split deployments use)."""
         try:
             t0 = time.perf_counter()
             loaded = await asyncio.to_thread(load)
-            if hasattr(loaded, "prior") and hasattr(loaded, "decoder"):  # an engine (Ray Serve split deployments)
-                self.engine = loaded
-            else:  # a pipeline
+            if make_engine is not None:
+                self.engine = make_engine(loaded)
+            else:
                 self.engine = BatchEngine(loaded, overlap=self.config.overlap)
             self.info["load_s"] = round(time.perf_counter() - t0, 2)
             if self.config.warmup_steps > 0:
@@ -107,14 +114,15 @@ class Service:
             await self.batcher.stop()
 
 
-def create_app(load: Callable[[], Any], config: ServeConfig | None = None) -> FastAPI:
+def create_app(load: Callable[[], Any], config: ServeConfig | None = None, *,
+               make_engine: Callable[[Any], Any] | None = None) -> FastAPI:  # fmt: skip
     """The FastAPI application; `load()` returns the pipeline (it runs on a thread after start)."""
     config = config or ServeConfig()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         service = app.state.service = Service(config)
-        loading = asyncio.create_task(service.load(load))
+        loading = asyncio.create_task(service.load(load, make_engine))
         if not config.load_in_background:
             await loading
             if service.failure:

@@ -1,7 +1,7 @@
 """One merged batch through the pipeline, each request with its own generator (docs/serving.md, "Batching").
 
 A batch is a list of `GenerationSpec`s with one `BatchKey` (same shape and settings). The batch runs the
-pipeline's own steps (`encode_prompts`, `sample_stage_c`, `stage_b_then_a`) on the concatenated rows, but every
+pipeline's own phases (`encode`, `prior`, `decoder`) on the concatenated rows, but every
 draw of noise goes through `sampling.RowGenerators`: request i's rows come from `Generator().manual_seed(seed_i)`
 in the pipeline's order (Stage C start noise, Stage C step noise, Stage B start noise, Stage B step noise). A
 request therefore gets the images `pipe(prompt, negative, images_per_prompt=n, seed=seed, ...)` gives alone,
@@ -15,6 +15,7 @@ one after the other.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -25,7 +26,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from cascade_rt.pipeline import from_pil, to_pil
+from cascade_rt.pipeline import WallTimer, from_pil, to_pil
 from cascade_rt.sampling import RowGenerators, diffuse
 from cascade_rt.serve.schemas import BatchKey, GenerationSpec
 from cascade_rt.stages import SAMPLING, latent_shapes
@@ -111,46 +112,40 @@ class BatchEngine:
         gens = RowGenerators([(torch.Generator("cpu").manual_seed(s.seed), s.n) for s in specs], pipe.device)
         shapes = latent_shapes(rows, key.height, key.width)
         timings: dict[str, float] = {}
-        t0 = time.perf_counter()
-        text, pooled, u_text, u_pooled = pipe.encode_prompts(prompts, negatives)
-        clip_img = torch.zeros(rows, 1, pipe.c_clip_img, device=pipe.device)
-        u_clip_img = clip_img
-        if key.mode == "variation":
-            clip_img = torch.cat([pipe._expand(pipe.image_encoder.encode(from_pil(s.image).to(pipe.device)), s.n)
-                                  for s in specs])  # fmt: skip
-        pipe.synchronize()
-        timings["text"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
+        timer = WallTimer(timings, pipe.synchronize)
+        embeds = pipe.encode(prompts, negatives, timer=timer)
+        if key.mode == "variation":  # each request's own image conditions its rows (the pipeline takes one image)
+            with timer.section("clip_image"):
+                clip_img = torch.cat([pipe._expand(pipe.image_encoder.encode(from_pil(s.image).to(pipe.device)), s.n)
+                                      for s in specs])  # fmt: skip
+            embeds = dataclasses.replace(embeds, clip_img=clip_img)
         steps, t_start = key.steps_c, 1.0
         if key.mode == "image":
-            effnet = torch.cat([pipe._expand(pipe._effnet_latent(from_pil(s.image), shapes["c"][-2:]), s.n)
-                                for s in specs])  # fmt: skip
+            with timer.section("effnet"):
+                effnet = torch.cat([pipe._expand(pipe._effnet_latent(from_pil(s.image), shapes["c"][-2:]), s.n)
+                                    for s in specs])  # fmt: skip
             steps, t_start = int(key.steps_c * key.strength), key.strength
             x_c = diffuse(effnet, t_start, gens.randn(effnet.shape).to(pipe.device))
         else:
             x_c = gens.randn(shapes["c"]).to(pipe.device)
-        latent_c = pipe.sample_stage_c(x_c, text, pooled, u_text, u_pooled, clip_img, u_clip_img, steps=steps,
-                                       cfg=key.cfg_c, shift=SAMPLING["c"].shift, t_start=t_start, gen=gens)  # fmt: skip
-        pipe.synchronize()
-        timings["stage_c"] = time.perf_counter() - t0
+        latent_c = pipe.prior(embeds, x_c, steps=steps, cfg=key.cfg_c, shift=SAMPLING["c"].shift, gen=gens,
+                              t_start=t_start, timer=timer)  # fmt: skip
         wanted = [i for i, s in enumerate(specs) if s.stream]
         if wanted and previews is not None and pipe.previewer is not None:
-            t0 = time.perf_counter()
-            images = to_pil(pipe.previewer(latent_c).float().clamp(0, 1))
-            timings["previewer"] = time.perf_counter() - t0
+            with timer.section("previewer"):
+                images = to_pil(pipe.previewer(latent_c).float().clamp(0, 1))
             starts = _row_starts(specs)
             for i in wanted:
                 previews(i, images[starts[i] : starts[i] + specs[i].n])
-        return PriorState(list(specs), key, gens, latent_c, pooled, u_pooled, timings)
+        return PriorState(list(specs), key, gens, latent_c, embeds.pooled, embeds.u_pooled, timings)
 
     def _decoder(self, state: PriorState) -> BatchOutput:
         pipe, key = self.pipe, state.key
         shapes = latent_shapes(state.gens.rows, key.height, key.width)
         timings = dict(state.timings)
         x_b = state.gens.randn(shapes["b"]).to(pipe.device)
-        pixels, _ = pipe.stage_b_then_a(state.latent_c, state.pooled, state.u_pooled, x_b, steps=key.steps_b,
-                                        cfg=key.cfg_b, shift=SAMPLING["b"].shift, gen=state.gens, timings=timings)  # fmt: skip
+        pixels, _ = pipe.decoder(state.latent_c, state.pooled, state.u_pooled, x_b, steps=key.steps_b, cfg=key.cfg_b,
+                                 shift=SAMPLING["b"].shift, gen=state.gens, timer=WallTimer(timings, pipe.synchronize))
         memory = getattr(pipe, "memory", None)
         if memory is not None:
             memory.finish()

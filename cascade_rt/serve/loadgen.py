@@ -79,6 +79,10 @@ class LocalServer:
             try:
                 if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
                     return self
+                health = httpx.get(f"{self.url}/healthz", timeout=2)
+                if health.status_code == 500:  # loading failed: say why now, not after the timeout
+                    self.__exit__()
+                    raise RuntimeError(f"the local server failed to start: {health.json()['reason']}")
             except httpx.HTTPError:
                 pass
             if not self.thread.is_alive():

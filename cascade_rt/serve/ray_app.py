@@ -195,10 +195,10 @@ def build_split_app(pipeline: Mapping[str, Any] | Callable[[], Any], config: Ser
     ingress_config = dataclasses.replace(config, warmup_steps=0)
 
     def make_app():
-        return create_app(lambda: _INGRESS["engine"], ingress_config)
+        return create_app(lambda: _INGRESS["engine"], ingress_config, make_engine=lambda engine: engine)
 
-    @serve.deployment(name=name, num_replicas=ingress_replicas, max_ongoing_requests=config.max_queue + config.max_batch,
-                      ray_actor_options={"num_cpus": cpus_per_replica})  # fmt: skip
+    @serve.deployment(name=name, num_replicas=ingress_replicas, ray_actor_options={"num_cpus": cpus_per_replica},
+                      max_ongoing_requests=config.max_queue + config.max_batch)  # fmt: skip
     @serve.ingress(make_app)
     class CascadeRTSplit:
         def __init__(self, prior: Any, decoder: Any) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -49,9 +50,7 @@ def _server_args(args: argparse.Namespace, max_wait: float) -> argparse.Namespac
 
 
 def run(args: argparse.Namespace) -> int:
-    import logging
-
-    import torch
+    import torch  # the handler imports torch and the server: `cascade-rt --help` stays fast
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
 

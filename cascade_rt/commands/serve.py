@@ -74,7 +74,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from cascade_rt.serve.app import ServeConfig
+    from cascade_rt.serve.app import ServeConfig  # FastAPI and torch: imported when the command runs, not for --help
 
     if args.max_batch < 1 or args.max_queue < 1 or args.max_wait_ms < 0 or args.request_timeout <= 0:
         raise ConfigError("--max-batch and --max-queue must be >= 1, --max-wait-ms >= 0, --request-timeout > 0")
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     # engine backends build profiles for the largest batch at the default size
     args.batch, (args.height, args.width) = config.max_batch, config.sizes[0]
     if args.ray:
-        from cascade_rt.serve.ray_app import run_ray
+        from cascade_rt.serve.ray_app import run_ray  # Ray: only for --ray
 
         return run_ray(args, config)
     import uvicorn

@@ -4,15 +4,19 @@ one is answered, until `requests` have been sent. Latency is end-to-end (request
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
 import time
 from typing import Any
 
+import httpx
 import numpy as np
+import uvicorn
+
+from cascade_rt.serve.app import create_app
 
 
 async def _load(url: str, body: dict[str, Any], concurrency: int, requests: int, timeout: float) -> dict[str, Any]:
-    import httpx
-
     latencies: list[float] = []
     statuses: dict[int, int] = {}
     images = 0
@@ -58,14 +62,6 @@ class LocalServer:
         self.load, self.config, self.ready_timeout = load, config, ready_timeout
 
     def __enter__(self) -> LocalServer:
-        import socket
-        import threading
-
-        import httpx
-        import uvicorn
-
-        from cascade_rt.serve.app import create_app
-
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]

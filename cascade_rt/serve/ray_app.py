@@ -24,11 +24,20 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import signal
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import ray
+import torch
+from ray import serve
+
+from cascade_rt.commands.generate import load_from_args
+from cascade_rt.runtime.api import load_pipeline
 from cascade_rt.serve.app import ServeConfig, create_app
+from cascade_rt.serve.engine import BatchEngine
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +47,6 @@ def pipeline_loader(kwargs: Mapping[str, Any]) -> Callable[[], Any]:
     kwargs = dict(kwargs)
 
     def load() -> Any:
-        import torch
-
-        from cascade_rt import load_pipeline
-
         if isinstance(kwargs.get("dtype"), str):
             kwargs["dtype"] = getattr(torch, kwargs["dtype"])
         return load_pipeline(**kwargs)
@@ -53,8 +58,6 @@ def build_app(pipeline: Mapping[str, Any] | Callable[[], Any], config: ServeConf
               num_replicas: int = 1, gpus_per_replica: float = 0.0, cpus_per_replica: float = 1.0,
               autoscaling: Mapping[str, Any] | None = None, name: str = "CascadeRT"):  # fmt: skip
     """A Ray Serve application: `pipeline` is `load_pipeline` keyword arguments (or a loader callable)."""
-    from ray import serve
-
     # Ray routes to a replica once its constructor (the app start-up) returns: load before that
     config = dataclasses.replace(config or ServeConfig(), load_in_background=False)
     load = pipeline if callable(pipeline) else pipeline_loader(pipeline)
@@ -88,15 +91,6 @@ def build_app(pipeline: Mapping[str, Any] | Callable[[], Any], config: ServeConf
 
 def run_ray(args: Any, config: ServeConfig) -> int:
     """`cascade-rt serve --ray`: join the cluster in RAY_ADDRESS (or start a local one), serve until SIGTERM."""
-    import os
-    import threading
-
-    import ray
-    import torch
-    from ray import serve
-
-    from cascade_rt.commands.generate import load_from_args
-
     ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=True)
     gpus = args.gpus_per_replica
     if gpus is None:
@@ -154,15 +148,11 @@ class StageWorker:
     """One phase of the batch on its own replica: the pipeline loaded and warmed, `run` called by the ingress."""
 
     def __init__(self, load: Callable[[], Any], config: ServeConfig, phase: str) -> None:
-        from cascade_rt.serve.engine import BatchEngine
-
         self.engine, self.phase = BatchEngine(load(), overlap=False), phase
         if config.warmup_steps > 0:
             self.engine.warmup(config.sizes, config.max_batch, config.warmup_steps)
 
     def run(self, *args: Any) -> Any:
-        import torch
-
         device = self.engine.pipe.device
         if self.phase == "prior":
             specs, want_previews = args
@@ -184,8 +174,6 @@ def build_split_app(pipeline: Mapping[str, Any] | Callable[[], Any], config: Ser
                     gpus_per_stage: float = 0.0, cpus_per_replica: float = 1.0, name: str = "CascadeRT"):  # fmt: skip
     """Ingress + a Stage C deployment + a Stage B+A deployment (each stage replica holds the whole pipeline in this
     version; only its phase runs there)."""
-    from ray import serve
-
     config = dataclasses.replace(config or ServeConfig(), load_in_background=False)
     load = pipeline if callable(pipeline) else pipeline_loader(pipeline)
     actor = {"num_cpus": cpus_per_replica, "num_gpus": gpus_per_stage}

@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from cascade_rt.errors import ConfigError
 from cascade_rt.pipeline import WallTimer, from_pil, to_pil
 from cascade_rt.sampling import RowGenerators, diffuse
 from cascade_rt.serve.schemas import BatchKey, GenerationSpec
@@ -115,6 +116,9 @@ class BatchEngine:
         timer = WallTimer(timings, pipe.synchronize)
         embeds = pipe.encode(prompts, negatives, timer=timer)
         if key.mode == "variation":  # each request's own image conditions its rows (the pipeline takes one image)
+            if pipe.image_encoder is None:
+                raise ConfigError("image variation needs an image encoder (CLIP ViT-L/14, an image_encoder/ folder "
+                                  "beside the weights); this server's pipeline has none")  # fmt: skip
             with timer.section("clip_image"):
                 clip_img = torch.cat([pipe._expand(pipe.image_encoder.encode(from_pil(s.image).to(pipe.device)), s.n)
                                       for s in specs])  # fmt: skip

@@ -75,7 +75,7 @@ class BatchEngine:
         shapes = sorted(((b, h, w) for h, w in sizes for b in range(1, max_batch + 1)),
                         key=lambda s: s[0] * s[1] * s[2], reverse=True)  # fmt: skip
         for batch, height, width in shapes:
-            key = BatchKey(height, width, steps, steps, 4.0, 1.1)
+            key = BatchKey(height, width, steps, steps, SAMPLING["c"].cfg, SAMPLING["b"].cfg)  # the default CFG graphs
             spec = GenerationSpec("warm-up", "", batch, 0, key)
             self.decoder(self.prior([spec]))
         if hasattr(self.pipe, "freeze_graphs"):

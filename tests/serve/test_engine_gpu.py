@@ -14,8 +14,9 @@ pytest.importorskip("pydantic")  # the request schemas; the GPU image gets it fr
 from cascade_rt.serve.batcher import Batcher  # noqa: E402
 from cascade_rt.serve.engine import BatchEngine  # noqa: E402
 from cascade_rt.serve.schemas import BatchKey, GenerationSpec  # noqa: E402
+from cascade_rt.stages import SAMPLING  # noqa: E402
 
-KEY = BatchKey(256, 256, 4, 3, 4.0, 1.1)
+KEY = BatchKey(256, 256, 4, 3, SAMPLING["c"].cfg, SAMPLING["b"].cfg)
 
 
 def run_batches(engine, specs: list[GenerationSpec], max_batch: int) -> tuple[list, int]:

@@ -144,6 +144,9 @@ class RemoteEngine:
         return self.decoder_handle.run.remote(state).result()
 
 
+PHASE_COMPONENTS = {"prior": {"text", "image", "effnet", "previewer", "c"}, "decoder": {"b", "a"}}
+
+
 class StageWorker:
     """One phase of the batch on its own replica: the pipeline loaded and warmed, `run` called by the ingress."""
 
@@ -151,6 +154,14 @@ class StageWorker:
         self.engine, self.phase = BatchEngine(load(), overlap=False), phase
         if config.warmup_steps > 0:
             self.engine.warmup(config.sizes, config.max_batch, config.warmup_steps)
+        pipe = self.engine.pipe
+        memory = getattr(pipe, "memory", None)
+        if memory is not None and pipe.device.type == "cuda" and memory.mode == "resident":
+            # the other phase's weights leave this replica's GPU (warm-up needed them; serving does not)
+            for name, module in memory.components.items():
+                if name not in PHASE_COMPONENTS[phase]:
+                    module.to("cpu")
+            torch.cuda.empty_cache()
 
     def run(self, *args: Any) -> Any:
         device = self.engine.pipe.device
@@ -172,8 +183,8 @@ class StageWorker:
 def build_split_app(pipeline: Mapping[str, Any] | Callable[[], Any], config: ServeConfig | None = None, *,
                     ingress_replicas: int = 1, prior_replicas: int = 1, decoder_replicas: int = 1,
                     gpus_per_stage: float = 0.0, cpus_per_replica: float = 1.0, name: str = "CascadeRT"):  # fmt: skip
-    """Ingress + a Stage C deployment + a Stage B+A deployment (each stage replica holds the whole pipeline in this
-    version; only its phase runs there)."""
+    """Ingress + a Stage C deployment + a Stage B+A deployment. Each stage replica loads and warms the whole
+    pipeline, then (on CUDA, resident memory) moves the other phase's weights to host memory."""
     config = dataclasses.replace(config or ServeConfig(), load_in_background=False)
     load = pipeline if callable(pipeline) else pipeline_loader(pipeline)
     actor = {"num_cpus": cpus_per_replica, "num_gpus": gpus_per_stage}

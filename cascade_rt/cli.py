@@ -23,6 +23,8 @@ COMMAND_MODULES = [
     "cascade_rt.commands.convert",
     "cascade_rt.commands.export",
     "cascade_rt.commands.engines",
+    "cascade_rt.commands.serve",
+    "cascade_rt.commands.bench_serve",
 ]
 
 

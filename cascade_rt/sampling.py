@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, NamedTuple
 
@@ -228,8 +228,33 @@ def ddim_step(x: Tensor, eps: Tensor, c: StepCoeffs, noise: Tensor | None) -> tu
     return x_next, x0
 
 
-def draw_noise(like: Tensor, generator: torch.Generator | None) -> Tensor:
+class RowGenerators:
+    """One CPU generator per group of rows of a batch: noise for rows [i, i + n_i) comes from generator i.
+
+    A batch that merges independent requests (the server's dynamic batching) passes this where a generator goes,
+    so each request draws exactly the noise it would draw alone with its own seed. `device` is where the drawn
+    noise lands (it is drawn on the CPU per group, then moved), so the samplers treat it as a same-device generator.
+    """
+
+    def __init__(self, groups: Sequence[tuple[torch.Generator, int]], device: torch.device | str = "cpu") -> None:
+        self.groups, self.device = list(groups), torch.device(device)
+
+    @property
+    def rows(self) -> int:
+        return sum(n for _, n in self.groups)
+
+    def randn(self, shape: Sequence[int]) -> Tensor:
+        """fp32 standard normal noise of `shape` (batch first, = `rows`), each group's rows from its generator."""
+        if shape[0] != self.rows:
+            raise ConfigError(f"noise for a batch of {shape[0]} rows, but the generators cover {self.rows}")
+        parts = [torch.randn((n, *shape[1:]), generator=g, dtype=torch.float32) for g, n in self.groups]
+        return torch.cat(parts).to(self.device)
+
+
+def draw_noise(like: Tensor, generator: torch.Generator | RowGenerators | None) -> Tensor:
     """Standard normal noise shaped like `like` (fp32); drawn on the generator's device, then moved."""
+    if isinstance(generator, RowGenerators):
+        return generator.randn(like.shape).to(like.device)
     if generator is None:
         return torch.randn(like.shape, device=like.device, dtype=torch.float32)
     if generator.device.type == like.device.type:

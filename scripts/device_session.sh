@@ -13,10 +13,11 @@
 #   bench-big  cascade-rt bench, standard workload, big presets: eager, compile (+graphs), diffusers peers
 #   bench-lite cascade-rt bench, standard workload, lite presets: eager, compile, triton (+graphs)
 #   bench-aot  cascade-rt bench, standard workload, big presets: aoti, onnxruntime, max-autotune
+#   serve      cascade-rt bench-serve: the images server under load, lite random weights, 1024x1024
 #   smoke      a seconds-long check that the install works and the GPU is seen
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STEP=${1:?usage: device_session.sh tests|kernels|runtime|bench-big|bench-lite|bench-aot|smoke}
+STEP=${1:?usage: device_session.sh tests|kernels|runtime|bench-big|bench-lite|bench-aot|serve|smoke}
 OUT=${OUT:-$PWD/out/device}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -75,6 +76,11 @@ case "$STEP" in
     bench-aot)
         "${BENCH[@]}" --presets big --backends aoti,onnxruntime --peers max-autotune \
             2>&1 | tee "$OUT/bench-aot.log"
+        ;;
+    serve)
+        "${CLI[@]}" bench-serve --random-weights --preset lite --dtype bf16 --sizes 1024x1024 --max-batch 4 \
+            --concurrency 1,2,4,8 --max-wait-ms 0,20 --steps-c 20 --steps-b 10 --requests 16 --record \
+            2>&1 | tee "$OUT/bench-serve.log"
         ;;
     *)
         echo "unknown step $STEP"; exit 2 ;;

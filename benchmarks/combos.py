@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 
 from cascade_rt.benchmarks import metrics, roofline
 from cascade_rt.benchmarks.harness import STAGE_SECTIONS, RunOutput, StageSet, run_once
@@ -116,8 +117,6 @@ def _engine_builds(before: dict[Path, float], engine_dir: Path) -> list[dict[str
 
 
 def _inductor_counts() -> dict[str, int]:
-    from torch._dynamo.utils import counters
-
     return {k: int(v) for k, v in counters["inductor"].items() if k.startswith("fxgraph_cache")}
 
 

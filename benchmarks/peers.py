@@ -59,6 +59,7 @@ class DiffusersRunner:
 def _diffusers_classes() -> tuple[type, type]:
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # deprecation banners
+            # optional (the dev extra): only the diffusers peers need it
             from diffusers.models.unets.unet_stable_cascade import StableCascadeUNet
             from diffusers.pipelines.wuerstchen.modeling_paella_vq_model import PaellaVQModel
     except Exception as exc:  # not installed, or a diffusers without Stable Cascade (removed after 0.35)

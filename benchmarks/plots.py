@@ -20,7 +20,7 @@ PSNR_MIN_CAP = 60.0  # "identical" (inf) is drawn 10 % beyond the largest finite
 
 
 def _pyplot():
-    import matplotlib
+    import matplotlib  # optional (the plots extra); the benchmark runs and reports without it
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt

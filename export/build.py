@@ -24,6 +24,7 @@ from cascade_rt.export.manifest import Manifest, device_info, library_versions
 from cascade_rt.export.onnx_export import export_onnx
 from cascade_rt.export.opener import open_engine_files
 from cascade_rt.export.specs import CFG_STAGES, GRAPH_COMPONENT, GRAPHS, PRECISIONS, Dims, StageSpec, make_spec
+from cascade_rt.export.trt_engine import build_engine, build_settings
 from cascade_rt.export.validate import validate
 from cascade_rt.models.presets import build_model, get_preset
 from cascade_rt.models.text import build_text_encoder
@@ -177,8 +178,6 @@ def build_files(
         compile_aoti(model, spec, out, dims=request.dims, dynamic=request.dynamic, device=request.device)
         files = [out.name]
     else:
-        from cascade_rt.export.trt_engine import build_engine, build_settings
-
         if onnx_source is None:
             raise ConfigError("a TensorRT build needs its ONNX graph (EngineCache builds it first)")
         settings = build_settings(spec, request.dims, request.dynamic, **options)

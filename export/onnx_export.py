@@ -134,7 +134,7 @@ def quiet_loggers(*names: str, level: int = logging.WARNING):
 
 def _rename_io_dims(model, spec: StageSpec) -> None:
     """Give the graph's inputs/outputs the spec's dimension names ('N', 'hc', 'hb/2', ...)."""
-    import onnx_ir as ir
+    import onnx_ir as ir  # 2 s to import: only when exporting
 
     tensors = {t.name: t for t in (*spec.inputs, *spec.outputs)}
     for value in (*model.graph.inputs, *model.graph.outputs):

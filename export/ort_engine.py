@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 from typing import Mapping
 
+import onnxruntime as ort
 import torch
 from torch import Tensor
 
@@ -34,8 +35,6 @@ CPU_PRECISIONS = ("fp32", "fp16")
 
 
 def choose_providers(device: str | torch.device = "cpu", *, tensorrt: bool = True) -> list[str]:
-    import onnxruntime as ort
-
     available = ort.get_available_providers()
     if torch.device(device).type == "cuda":
         if "CUDAExecutionProvider" not in available or not torch.cuda.is_available():
@@ -51,8 +50,6 @@ def choose_providers(device: str | torch.device = "cpu", *, tensorrt: bool = Tru
 
 
 def session_options(opt_level: str = "all", intra_op_threads: int | None = None):
-    import onnxruntime as ort
-
     if opt_level not in OPT_LEVELS:
         raise ValueError(f"opt_level must be one of {OPT_LEVELS}")
     so = ort.SessionOptions()
@@ -92,7 +89,6 @@ class OrtEngine:
     def load(self) -> None:
         if self.session is not None:
             return
-        import onnxruntime as ort
 
         if self.device.type == "cpu" and self.precision not in CPU_PRECISIONS:
             raise BackendUnavailable(

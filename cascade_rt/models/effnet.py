@@ -24,7 +24,7 @@ def normalize_imagenet(images: torch.Tensor) -> torch.Tensor:
 class EfficientNetEncoder(nn.Module):
     def __init__(self, c_latent: int = 16) -> None:
         super().__init__()
-        from torchvision.models import efficientnet_v2_s
+        from torchvision.models import efficientnet_v2_s  # 3 s to import; only this model needs it
 
         self.backbone = efficientnet_v2_s(weights=None).features.eval()
         self.mapper = nn.Sequential(

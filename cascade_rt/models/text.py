@@ -103,7 +103,7 @@ class ClipTokenizer:
     """open_clip's BPE with the HF padding convention: [BOS] text[:75] [EOS] then EOS pads; mask over BOS..EOS."""
 
     def __init__(self, context_length: int = 77):
-        from open_clip.tokenizer import SimpleTokenizer
+        from open_clip.tokenizer import SimpleTokenizer  # open_clip takes 5 s to import: only when used
 
         self.context_length = context_length
         self._bpe = SimpleTokenizer(context_length=context_length)
@@ -120,7 +120,7 @@ class ClipTokenizer:
 
 
 def _act(name: str) -> type[nn.Module]:
-    from open_clip.transformer import QuickGELU
+    from open_clip.transformer import QuickGELU  # open_clip: 5 s to import, only when a tower is built
 
     acts = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
     if name not in acts:
@@ -129,7 +129,7 @@ def _act(name: str) -> type[nn.Module]:
 
 
 def _build_text_tower(cfg: ClipTextConfig) -> nn.Module:
-    from open_clip.transformer import LayerNorm, TextTransformer
+    from open_clip.transformer import LayerNorm, TextTransformer  # open_clip: 5 s to import (see QuickGELU)
 
     tower = TextTransformer(
         context_length=cfg.context_length, vocab_size=cfg.vocab_size, width=cfg.width, heads=cfg.heads,
@@ -141,7 +141,7 @@ def _build_text_tower(cfg: ClipTextConfig) -> nn.Module:
 
 
 def _build_vision_tower(cfg: ClipVisionConfig) -> nn.Module:
-    from open_clip.transformer import LayerNorm, VisionTransformer
+    from open_clip.transformer import LayerNorm, VisionTransformer  # open_clip: 5 s to import (see QuickGELU)
 
     return VisionTransformer(
         image_size=cfg.image_size, patch_size=cfg.patch_size, width=cfg.width, layers=cfg.layers, heads=cfg.heads,
@@ -270,7 +270,7 @@ def _open_clip_model_cfg(file: Path, default_name: str) -> tuple[dict[str, Any],
     if side.is_file():
         cfg = json.loads(side.read_text())["model_cfg"]
         return cfg, bool(cfg.get("quick_gelu", False))
-    import open_clip
+    import open_clip  # 5 s to import: only when reading open_clip files
 
     cfg = open_clip.get_model_config(default_name)
     if cfg is None:
@@ -417,7 +417,7 @@ class ImageEncoder(_ClipTower):
 
     def preprocess(self, images: Tensor) -> Tensor:
         """[0,1] RGB (B,3,H,W) -> Resize(shorter side, bicubic) -> CenterCrop -> CLIP normalisation (docs/reference.md §4.2)."""
-        from torchvision.transforms.v2 import functional as TF
+        from torchvision.transforms.v2 import functional as TF  # torchvision: 3 s to import, only when used
 
         size = self.config.image_size
         x = TF.resize(images.float(), [size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)

@@ -14,6 +14,7 @@ Importing this package imports torch and nothing else heavy; the pipeline-level 
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from cascade_rt.runtime.backends import (
@@ -52,7 +53,5 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'cascade_rt.runtime' has no attribute {name!r}")

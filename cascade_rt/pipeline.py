@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from cascade_rt import weights
 from cascade_rt.errors import ConfigError, NumericsError
+from cascade_rt.images import to_rgb_array
 from cascade_rt.models.effnet import normalize_imagenet
 from cascade_rt.models.presets import build_model
 from cascade_rt.models.text import ImageEncoder, TextEncoder, build_text_encoder, image_config
@@ -43,6 +44,7 @@ from cascade_rt.stages import (
     latent_shapes,
     model_set,
 )
+from cascade_rt.validation import check_batch_memory, check_generation, check_reconstruction
 
 logger = logging.getLogger(__name__)
 
@@ -89,12 +91,16 @@ def to_pil(images: Tensor) -> list[Image.Image]:
 
 
 def from_pil(images: Image.Image | Sequence[Image.Image] | Tensor) -> Tensor:
-    """PIL image(s) or a (B,3,H,W) [0,1] tensor -> (B,3,H,W) fp32 in [0,1]."""
+    """PIL image(s) or a (B,3,H,W) [0,1] tensor -> (B,3,H,W) fp32 in [0,1].
+
+    Every PIL mode converts with its own bit depth (`cascade_rt.images.to_rgb_array`): 16-bit images keep their
+    range, palette and CMYK images become their RGB colours, and alpha (RGBA, LA, transparent palettes) is
+    composited on a white background."""
     if isinstance(images, Tensor):
         return (images.unsqueeze(0) if images.dim() == 3 else images).float()
     images = [images] if isinstance(images, Image.Image) else list(images)
-    arrays = [torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1) for im in images]
-    return torch.stack(arrays).float() / 255.0
+    arrays = [torch.from_numpy(np.ascontiguousarray(to_rgb_array(im))).permute(2, 0, 1) for im in images]
+    return torch.stack(arrays).float()
 
 
 @dataclass
@@ -268,11 +274,14 @@ class StableCascadePipeline:
     ) -> CascadeOutput:
         """Text-to-image; with `image`: image-to-image (EffNet latent noised to t=`strength`, int(steps_c*strength)
         Stage C steps); with `clip_image`: image variation (its CLIP embedding conditions Stage C, zeros uncond)."""
-        check_resolution(height, width)
+        check_generation(height=height, width=width, images_per_prompt=images_per_prompt, steps_c=steps_c,
+                         steps_b=steps_b, cfg_c=cfg_c, cfg_b=cfg_b, shift_c=shift_c, shift_b=shift_b, seed=seed,
+                         strength=strength, image_given=image is not None)  # fmt: skip
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * len(prompts)
-        if not prompts or len(negatives) != len(prompts) or images_per_prompt < 1:
+        if not prompts or len(negatives) != len(prompts):
             raise ConfigError("give >= 1 prompt, one negative prompt per prompt (or one), images_per_prompt >= 1")
+        self.check_batch_memory(len(prompts) * images_per_prompt, height, width, prompts=len(prompts))
         prompts = [p for p in prompts for _ in range(images_per_prompt)]
         negatives = [n for n in negatives for _ in range(images_per_prompt)]
         batch = len(prompts)
@@ -283,12 +292,8 @@ class StableCascadePipeline:
         timer = WallTimer(timings, self.synchronize)
 
         steps, t_start = steps_c, 1.0
-        if image is not None:
-            if not 0.0 < strength <= 1.0:
-                raise ConfigError(f"strength must be in (0, 1], got {strength}")
+        if image is not None:  # strength and steps checked above
             steps, t_start = int(steps_c * strength), strength
-            if steps < 1:
-                raise ConfigError(f"steps_c * strength = {steps_c} * {strength} gives no Stage C step; raise either")
 
         embeds = self.encode(prompts, negatives, clip_image=clip_image, timer=timer)
         if image is not None:
@@ -312,6 +317,17 @@ class StableCascadePipeline:
                                         shift=shift_b, gen=gen, progress=progress, timer=timer)  # fmt: skip
         return CascadeOutput(to_pil(pixels), pixels, latent_c, latent_b, seed, previews, timings)
 
+    def check_batch_memory(self, batch: int, height: int, width: int, prompts: int = 1) -> None:
+        """Refuse a batch whose estimated memory (cascade_rt.runtime.estimate) exceeds this device's memory or the
+        available RAM. Skipped for models of no known preset (the estimate builds presets on the meta device)."""
+        presets = {s: getattr(_module(getattr(self, f"stage_{s}")), "preset", None) for s in ("c", "b", "a")}
+        presets["text"] = getattr(self.text_encoder, "preset", None)
+        if any(not isinstance(p, str) for p in presets.values()):
+            return
+        mode = getattr(getattr(self, "memory", None), "mode", "resident")
+        check_batch_memory(presets, batch=batch, height=height, width=width, dtype=self.dtypes["c"], mode=mode,
+                           device=self.device, weights_loaded=True, prompts=prompts)  # fmt: skip
+
     # ------------------------------------------------------------------------------------------ phases
     # Text-to-image is encode -> prior -> decoder. The throughput runner and the benchmarks call these same
     # phases (with their own timer), so what they time is what a user runs.
@@ -323,6 +339,8 @@ class StableCascadePipeline:
         with timer.section("text") if timer is not None else nullcontext():
             text, pooled = self._encode_text(prompts)
             u_text, u_pooled = self._encode_text(negatives)
+            for t in (text, pooled, u_text, u_pooled):
+                check_finite(t, "text")
             clip_img = torch.zeros(len(prompts), 1, _module(self.stage_c).clip_img_mapper.in_features,
                                    device=self.device)  # fmt: skip
             u_clip_img = clip_img
@@ -378,6 +396,7 @@ class StableCascadePipeline:
         progress: Progress | None = None,
     ) -> CascadeOutput:
         """Stage A+B as an autoencoder (docs/reference.md §4.5): image -> x3/4 nearest -> EffNet -> Stage B -> Stage A."""
+        check_reconstruction(steps_b=steps_b, cfg_b=cfg_b, shift_b=shift_b, seed=seed)
         if self.effnet is None:
             raise ConfigError("reconstruction needs the EfficientNet encoder; this pipeline has none")
         pixels_in = from_pil(image)

@@ -28,6 +28,7 @@ from cascade_rt.runtime.cuda_graphs import GraphedSampler
 from cascade_rt.runtime.memory import MemoryManager
 from cascade_rt.runtime.runner import BuildContext, StageRunner
 from cascade_rt.stages import STAGES, runtime_preset
+from cascade_rt.validation import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -119,10 +120,7 @@ class RuntimePipeline(StableCascadePipeline):
 
 
 def _device(device: str | torch.device | None) -> torch.device:
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device cuda was asked for but torch sees no CUDA GPU; use device='cpu'")
-    return device
+    return resolve_device(device)  # cpu, cuda or cuda:N that exists here (cascade_rt.validation)
 
 
 def load_pipeline(

@@ -44,7 +44,7 @@ from cascade_rt.stages import (
     latent_shapes,
     model_set,
 )
-from cascade_rt.validation import check_batch_memory, check_generation, check_reconstruction
+from cascade_rt.validation import check_generation, check_reconstruction
 
 logger = logging.getLogger(__name__)
 
@@ -318,15 +318,9 @@ class StableCascadePipeline:
         return CascadeOutput(to_pil(pixels), pixels, latent_c, latent_b, seed, previews, timings)
 
     def check_batch_memory(self, batch: int, height: int, width: int, prompts: int = 1) -> None:
-        """Refuse a batch whose estimated memory (cascade_rt.runtime.estimate) exceeds this device's memory or the
-        available RAM. Skipped for models of no known preset (the estimate builds presets on the meta device)."""
-        presets = {s: getattr(_module(getattr(self, f"stage_{s}")), "preset", None) for s in ("c", "b", "a")}
-        presets["text"] = getattr(self.text_encoder, "preset", None)
-        if any(not isinstance(p, str) for p in presets.values()):
-            return
-        mode = getattr(getattr(self, "memory", None), "mode", "resident")
-        check_batch_memory(presets, batch=batch, height=height, width=width, dtype=self.dtypes["c"], mode=mode,
-                           device=self.device, weights_loaded=True, prompts=prompts)  # fmt: skip
+        """Hook called before any work with the number of images generated at once. The eager reference does not
+        bound it; `cascade_rt.load_pipeline`'s pipeline refuses a batch that would not fit in memory
+        (cascade_rt/runtime/budget.py)."""
 
     # ------------------------------------------------------------------------------------------ phases
     # Text-to-image is encode -> prior -> decoder. The throughput runner and the benchmarks call these same

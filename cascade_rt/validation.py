@@ -9,19 +9,20 @@ name is used. The pipeline (`__call__`, `reconstruct`), the CLI commands and the
 * `check_seed(seed)`: an integer in [0, 2**64 - 1] (what a torch generator accepts).
 * `resolve_device(spec)`: 'cpu', 'cuda' or 'cuda:N' (None: cuda when available), checked against this machine.
 * `check_output_path(path)`, `check_engine_dir(path)`: writable places, checked before the work.
-* `check_batch_memory(...)`: the memory estimate of `cascade_rt.runtime.estimate` against the device's memory
-  (CUDA) or the available RAM (CPU), refused with both numbers and the largest batch that fits.
+
+The batch size is bounded by memory one floor up, where the memory estimate lives (`cascade_rt.runtime.budget`).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from cascade_rt.errors import ConfigError, FileError
 from cascade_rt.images import output_format, path_problem
@@ -33,7 +34,6 @@ CLI_FLAGS = {
     "device": "--device", "height": "--height", "width": "--width", "image": "--image",
 }  # fmt: skip
 SEED_MIN, SEED_MAX = 0, 2**64 - 1  # torch.Generator.manual_seed takes a 64-bit value
-GiB = 1024**3
 
 
 def _name(param: str, names: Mapping[str, str] | None) -> str:
@@ -109,10 +109,8 @@ def check_reconstruction(
     check_seed(seed, names)
 
 
-def resolve_device(device: Any = None, names: Mapping[str, str] | None = None):
+def resolve_device(device: Any = None, names: Mapping[str, str] | None = None) -> torch.device:
     """A torch.device from 'cpu', 'cuda', 'cuda:N' or a torch.device (None: cuda when available, else cpu)."""
-    import torch
-
     flag = _name("device", names)
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -185,85 +183,3 @@ def check_engine_dir(path: str | Path, flag: str = "--engine-dir") -> None:
             f"{flag} {path} is not writable: the runtime writes engines and lock files there; make it writable "
             f"or choose another {flag}"
         )
-
-
-# ------------------------------------------------------------------------------------------ batch memory
-@functools.lru_cache(maxsize=64)
-def _per_image_estimate(presets: tuple[tuple[str, str], ...], height: int, width: int, dtype: Any):
-    from cascade_rt.runtime.estimate import estimate_memory
-
-    return estimate_memory(dict(presets), height=height, width=width, batch=1, dtype=dtype, mode="resident")
-
-
-def available_memory(device: Any) -> tuple[int, str] | None:
-    """(bytes, where the number comes from) a generation on `device` may use, or None when unknown."""
-    import torch
-
-    if getattr(device, "type", str(device)).startswith("cuda"):
-        total = torch.cuda.get_device_properties(torch.device(device)).total_memory
-        return total, f"the GPU's {total / GiB:.1f} GiB"
-    try:
-        import psutil  # type: ignore[import-not-found]
-
-        return psutil.virtual_memory().available, "available RAM (psutil)"
-    except ImportError:
-        pass
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024, "available RAM (MemAvailable in /proc/meminfo)"
-    except OSError:
-        return None
-    return None
-
-
-def estimate_batch_bytes(
-    presets: Mapping[str, str], *, batch: int, height: int, width: int, dtype: Any, mode: str = "resident",
-    device: Any = "cpu", weights_loaded: bool = False,
-) -> tuple[int, int, int]:  # fmt: skip
-    """(bytes needed, fixed bytes, bytes per image) for a batch: `estimate_memory` at batch 1 (cached), its
-    activations scaled by the batch (they grow linearly with it). On CUDA the device peak of the memory mode;
-    on the CPU weights (unless already loaded) + the largest activation peak."""
-    from dataclasses import replace
-
-    est = _per_image_estimate(tuple(sorted(presets.items())), height, width, dtype)
-    per_image = max(s.activation_bytes for s in est.stages.values())
-    scaled = replace(
-        est,
-        mode=mode,
-        batch=batch,
-        stages={k: replace(s, activation_bytes=s.activation_bytes * batch) for k, s in est.stages.items()},
-    )
-    if getattr(device, "type", str(device)).startswith("cuda"):
-        need = scaled.peak_device
-    else:
-        need = (0 if weights_loaded else sum(s.weight_bytes for s in est.stages.values())) + per_image * batch
-    return need, need - per_image * batch, per_image
-
-
-def check_batch_memory(
-    presets: Mapping[str, str], *, batch: int, height: int, width: int, dtype: Any, mode: str = "resident",
-    device: Any = "cpu", weights_loaded: bool = False, names: Mapping[str, str] | None = None,
-    prompts: int = 1,
-) -> None:  # fmt: skip
-    """Refuse a batch whose estimated memory exceeds the device's memory (CUDA) or the available RAM (CPU).
-
-    `batch` is the number of images generated at once (prompts x images_per_prompt)."""
-    if batch <= 1:
-        return  # one image: no estimate (it costs a meta-device trace); the sizes are checked elsewhere
-    limit = available_memory(device)
-    if limit is None:
-        return
-    need, fixed, per_image = estimate_batch_bytes(presets, batch=batch, height=height, width=width, dtype=dtype,
-                                                  mode=mode, device=device, weights_loaded=weights_loaded)  # fmt: skip
-    budget, where = limit
-    if need <= budget:
-        return
-    fits = max(0, (budget - fixed) // max(per_image, 1)) // max(prompts, 1)
-    flag = _name("images_per_prompt", names)
-    hint = f"lower {flag} to at most {fits}" if fits >= 1 else "lower the resolution or use a smaller model"
-    raise ConfigError(
-        f"{flag}={batch // max(prompts, 1)}: {batch} images of {height}x{width} need about {need / GiB:.1f} GiB "
-        f"(estimate), more than {where} ({budget / GiB:.1f} GiB); {hint}, or generate in several runs"
-    )

@@ -128,6 +128,7 @@ class Ctx:
     pipe: StableCascadePipeline
     guarded: StableCascadePipeline
     monkeypatch: pytest.MonkeyPatch
+    request: pytest.FixtureRequest
 
 
 # ------------------------------------------------------------------------------------------ Python-API helpers
@@ -224,6 +225,24 @@ def api(**kwargs: Any) -> Callable[[Ctx], None]:
     return run
 
 
+@pytest.fixture(scope="module")
+def runtime_pipe():
+    from cascade_rt import load_pipeline
+
+    return load_pipeline(random_weights=True, preset="tiny", device="cpu", dtype=torch.float32)
+
+
+def runtime_api(**kwargs: Any) -> Callable[[Ctx], None]:
+    """`load_pipeline`'s pipeline (it bounds the batch by memory) with a text encoder that fails if called."""
+
+    def run(ctx: Ctx) -> None:
+        rp = ctx.request.getfixturevalue("runtime_pipe")
+        ctx.monkeypatch.setattr(rp, "text_encoder", Refuses(rp.text_encoder))
+        rp("a cat", **{"height": 256, "width": 256, **kwargs})
+
+    return run
+
+
 def api_reconstruct(**kwargs: Any) -> Callable[[Ctx], None]:
     return lambda ctx: ctx.guarded.reconstruct(torch.rand(1, 3, 256, 256), **kwargs)
 
@@ -256,9 +275,10 @@ def no_cuda(row: Any) -> Any:
 ROWS = [
     # 4: batch size bounded by memory
     ("batch-too-big", gen("--batch", "100000"), 2, r"--batch=100000: 100000 images of 256x256 need about .* GiB "
-     r"\(estimate\), more than (available RAM|the GPU).*lower --batch to at most \d+"),
+     r"\(estimate\) but the (available RAM|GPU's memory) .*is \d+\.\d GiB; lower --batch to at most \d+"),
     ("batch-zero", gen("--batch", "0"), 2, r"--batch=0: give an integer >= 1"),
-    ("api-batch-too-big", api(images_per_prompt=100000), ConfigError, r"images_per_prompt=100000: .* GiB"),
+    ("api-batch-too-big", runtime_api(images_per_prompt=100000), ConfigError, r"images_per_prompt=100000: 100000 "
+     r"images of 256x256 need about .* GiB \(estimate\).*lower images_per_prompt to at most \d+"),
     # 5: input files, before any model is loaded
     ("image-missing", gen("--image", "{tmp}/nope.png"), 2, r"--image \S+nope.png does not exist: give the path"),
     ("image-folder", gen("--image", "{tmp}"), 2, r"--image \S+ is a folder"),
@@ -353,7 +373,7 @@ def test_bad_input(row_id, run, expected, phrase, files, pipe, guarded, monkeypa
         assert re.search(phrase, err), f"{phrase!r} not in {err!r}"
     else:
         with pytest.raises(expected) as info:
-            run(Ctx(files, pipe, guarded, monkeypatch))
+            run(Ctx(files, pipe, guarded, monkeypatch, request))
         assert re.search(phrase, str(info.value)), f"{phrase!r} not in {str(info.value)!r}"
 
 

@@ -231,7 +231,8 @@ def check_generate_args(args: argparse.Namespace) -> dict[str, Any]:
 
     from cascade_rt.errors import ConfigError
     from cascade_rt.images import open_image
-    from cascade_rt.validation import CLI_FLAGS, check_batch_memory, check_generation, check_output_path, resolve_device
+    from cascade_rt.runtime.budget import check_batch_memory
+    from cascade_rt.validation import CLI_FLAGS, check_generation, check_output_path, resolve_device
 
     check_model_args(args)
     resolve_resolution(args)
@@ -246,7 +247,7 @@ def check_generate_args(args: argparse.Namespace) -> dict[str, Any]:
               "clip_image": open_image(args.clip_image, "--clip-image") if args.clip_image else None}  # fmt: skip
     check_batch_memory(model_presets(args), batch=args.batch, height=args.height, width=args.width,
                        dtype=getattr(torch, DTYPES[args.dtype]), mode=memory_mode(args),
-                       device=resolve_device(args.device, CLI_FLAGS), names=CLI_FLAGS)  # fmt: skip
+                       device=resolve_device(args.device, CLI_FLAGS), flag="--batch")  # fmt: skip
     return images
 
 

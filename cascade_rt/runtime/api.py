@@ -24,6 +24,7 @@ import torch
 from cascade_rt.errors import ConfigError
 from cascade_rt.pipeline import CascadeOutput, StableCascadePipeline, build_random_pipeline
 from cascade_rt.runtime.backends import build_runner, parse_backend_spec, require_backend
+from cascade_rt.runtime.budget import check_batch_memory
 from cascade_rt.runtime.cuda_graphs import GraphedSampler
 from cascade_rt.runtime.memory import MemoryManager
 from cascade_rt.runtime.runner import BuildContext, StageRunner
@@ -101,6 +102,17 @@ class RuntimePipeline(StableCascadePipeline):
     def reconstruct(self, *args: Any, **kwargs: Any) -> RuntimeOutput:
         self.memory.peaks.clear()
         return self._report(super().reconstruct(*args, **kwargs))
+
+    def check_batch_memory(self, batch: int, height: int, width: int, prompts: int = 1) -> None:
+        """Refuse a batch whose estimated memory exceeds this device's (budget.py); skipped for models of no
+        known preset (the estimate builds presets on the meta device)."""
+        presets = {s: getattr(r.model, "preset", None) for s, r in self.runners.items()}
+        presets["text"] = getattr(self.text_encoder, "preset", None)
+        if all(isinstance(p, str) for p in presets.values()):
+            check_batch_memory(
+                presets, batch=batch, height=height, width=width, dtype=self.dtypes["c"], mode=self.memory.mode,
+                device=self.device, weights_loaded=True, prompts=prompts,
+            )  # fmt: skip
 
     def _report(self, out: CascadeOutput) -> RuntimeOutput:
         self.memory.finish()

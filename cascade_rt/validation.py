@@ -22,8 +22,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from cascade_rt.errors import ConfigError, FileError
 from cascade_rt.images import output_format, path_problem
 from cascade_rt.stages import check_resolution
@@ -72,13 +70,25 @@ def check_seed(seed: Any, names: Mapping[str, str] | None = None) -> None:
         )
 
 
+def check_size(height: Any, width: Any, names: Mapping[str, str] | None = None) -> None:
+    """`stages.check_resolution`, its message naming the options as the caller knows them."""
+    try:
+        check_resolution(height, width)
+    except ConfigError as exc:
+        message = str(exc)
+        for param in ("height", "width"):
+            if message.startswith(f"{param}="):
+                message = _name(param, names) + message[len(param) :]
+        raise ConfigError(message) from None
+
+
 def check_generation(
     *, height: Any = 1024, width: Any = 1024, images_per_prompt: Any = 1, steps_c: Any = 20, steps_b: Any = 10,
     cfg_c: Any = None, cfg_b: Any = None, shift_c: Any = 1.0, shift_b: Any = 1.0, seed: Any = None,
     strength: Any = None, image_given: bool = False, names: Mapping[str, str] | None = None,
 ) -> None:  # fmt: skip
     """Every text-to-image / image-to-image setting, before any work (nothing here builds or runs a model)."""
-    check_resolution(height, width)
+    check_size(height, width, names)
     if not _is_int(images_per_prompt) or images_per_prompt < 1:
         raise ConfigError(f"{_name('images_per_prompt', names)}={images_per_prompt!r}: give an integer >= 1")
     check_steps(steps_c, "steps_c", names)
@@ -109,8 +119,10 @@ def check_reconstruction(
     check_seed(seed, names)
 
 
-def resolve_device(device: Any = None, names: Mapping[str, str] | None = None) -> torch.device:
+def resolve_device(device: Any = None, names: Mapping[str, str] | None = None) -> Any:
     """A torch.device from 'cpu', 'cuda', 'cuda:N' or a torch.device (None: cuda when available, else cpu)."""
+    import torch  # here, not at the top: the CLI's parser (`cascade-rt --help`) imports this module without torch
+
     flag = _name("device", names)
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

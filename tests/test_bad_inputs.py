@@ -339,6 +339,8 @@ ROWS = [
     # 12: options that were ignored silently, messages that misled
     ("weights-and-random-weights", ["generate", "x", "--weights", "{tmp}", "--random-weights"], 2,
      r"--weights and --random-weights both given: choose one"),
+    ("text-encoder-with-random-weights", gen("--text-encoder", "{tmp}"), 2, r"--text-encoder applies only to "),
+    ("height-names-the-flag", gen("--height", "250"), 2, r"--height=250 is not supported: each side must be a "),
     ("strength-without-image", gen("--strength", "0.5"), 2, r"--strength applies only to image-to-image: add --image"),
     ("preset-with-weights", ["generate", "x", "--weights", "{tmp}", "--preset", "lite"], 2,
      r"--preset lite applies only to --random-weights: with --weights, pass --lite"),

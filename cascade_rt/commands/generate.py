@@ -1,7 +1,8 @@
 """`cascade-rt generate "prompt" -o out.png`: text-to-image with the eager reference pipeline.
 
-Also holds the model options shared with `cascade-rt reconstruct` (`add_model_args`, `load_from_args`) and the
-per-stage progress bars / timing line both commands print.
+Also holds the model options shared with `cascade-rt reconstruct` (`add_model_args`, `check_model_args`,
+`load_from_args`) and the per-stage progress bars / timing line both commands print. Every option, input image
+and output path is checked before any model is loaded (`check_generate_args`; docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cascade_rt.stages import IMG2IMG_STRENGTH, RUNTIME_PRESETS, SAMPLING, check_resolution, default_size
+from cascade_rt.stages import IMG2IMG_STRENGTH, RUNTIME_PRESETS, SAMPLING, default_size
+from cascade_rt.validation import CLI_FLAGS, check_size
 
 RANDOM_NOTE = "RANDOM WEIGHTS: the models are untrained (seeded random); the image shows noise, not the prompt"
 DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
@@ -87,6 +89,8 @@ def check_model_args(args: argparse.Namespace) -> None:
         if not Path(args.weights).is_dir():
             raise WeightsError(f"--weights {args.weights} is a file: --weights takes the folder that holds the "
                                f"checkpoints (here {Path(args.weights).parent or '.'})")  # fmt: skip
+    if args.random_weights and getattr(args, "text_encoder", None):
+        raise ConfigError("--text-encoder applies only to --weights: --random-weights builds its own text encoder")
     if getattr(args, "text_encoder", None):
         problem = path_problem(args.text_encoder)
         if problem:
@@ -222,7 +226,7 @@ def resolve_resolution(args: argparse.Namespace) -> None:
     default = default_size(args.preset if args.random_weights else "full")
     args.height = default if args.height is None else args.height
     args.width = default if args.width is None else args.width
-    check_resolution(args.height, args.width)
+    check_size(args.height, args.width, CLI_FLAGS)
 
 
 def check_generate_args(args: argparse.Namespace) -> dict[str, Any]:

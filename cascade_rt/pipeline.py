@@ -280,7 +280,7 @@ class StableCascadePipeline:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * len(prompts)
         if not prompts or len(negatives) != len(prompts):
-            raise ConfigError("give >= 1 prompt, one negative prompt per prompt (or one), images_per_prompt >= 1")
+            raise ConfigError("give >= 1 prompt, and one negative prompt per prompt (or one for all)")
         self.check_batch_memory(len(prompts) * images_per_prompt, height, width, prompts=len(prompts))
         prompts = [p for p in prompts for _ in range(images_per_prompt)]
         negatives = [n for n in negatives for _ in range(images_per_prompt)]

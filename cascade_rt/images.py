@@ -13,6 +13,8 @@
 from __future__ import annotations
 
 import errno
+import functools
+import io
 import os
 import warnings
 from pathlib import Path
@@ -114,9 +116,19 @@ def output_format(path: str | Path, flag: str = "-o") -> str:
     if not suffix:
         raise FileError(f"{flag} {path} has no extension, so the image format is unknown: {IMAGE_SAVE_HINT}")
     fmt = Image.registered_extensions().get(suffix)
-    if fmt is None or fmt not in Image.SAVE:
-        raise FileError(f"{flag} {path}: PIL cannot write {suffix} files: {IMAGE_SAVE_HINT}")
+    if fmt is None or fmt not in Image.SAVE or not _writes_rgb(fmt):
+        raise FileError(f"{flag} {path}: PIL cannot write RGB images as {suffix} files: {IMAGE_SAVE_HINT}")
     return fmt
+
+
+@functools.lru_cache(maxsize=None)
+def _writes_rgb(fmt: str) -> bool:
+    """Whether PIL can save an RGB image in `fmt` (some writers take only other modes, some need a plugin)."""
+    try:
+        Image.new("RGB", (1, 1)).save(io.BytesIO(), format=fmt)
+    except Exception:  # noqa: BLE001 - any failure of the writer means: not this format
+        return False
+    return True
 
 
 def save_image(image: Image.Image, path: str | Path, flag: str = "-o", **params: Any) -> None:

@@ -297,7 +297,8 @@ ROWS = [
     # 5: output paths, before any model is loaded; a full disk at save time
     ("output-folder", ["generate", "x", *CPU, "-o", "{tmp}"], 2, r"-o \S+ is a folder: give a file name"),
     ("output-no-extension", ["generate", "x", *CPU, "-o", "{tmp}/out"], 2, r"has no extension.*use \.png"),
-    ("output-unknown-extension", ["generate", "x", *CPU, "-o", "{tmp}/out.xyz"], 2, r"PIL cannot write \.xyz"),
+    ("output-unknown-extension", ["generate", "x", *CPU, "-o", "{tmp}/out.xyz"], 2, r"cannot write RGB .* \.xyz"),
+    ("output-format-without-rgb", ["generate", "x", *CPU, "-o", "{tmp}/out.xbm"], 2, r"cannot write RGB .* \.xbm"),
     ("output-under-a-file", ["generate", "x", *CPU, "-o", "{a_file}/out.png"], 2, r"a_file.txt is a file, not a "),
     ("output-folder-symlink-loop", ["generate", "x", *CPU, "-o", "{loop_dir}/out.png"], 2, r"symlink loop"),
     ("reconstruct-output-folder", ["reconstruct", "{good}", *CPU, "-o", "{tmp}"], 2, r"-o \S+ is a folder"),

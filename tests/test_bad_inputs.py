@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -158,19 +159,22 @@ def as_nobody(fn: Callable[[], None]) -> tuple[int, str]:
     return os.waitstatus_to_exitcode(status), text
 
 
-def read_only_folder() -> Path:
-    """A folder no one but root may write: traversable by anyone (the check must fail on the folder itself)."""
+def read_only_folder(ctx: Ctx) -> Path:
+    """A folder no one but root may write, in a folder anyone may traverse (pytest's tmp_path is private to its
+    user), so the check fails on the folder itself; removed after the test."""
     base = Path(tempfile.mkdtemp(prefix="cascade-ro-"))
     base.chmod(0o755)
     ro = base / "ro"
     ro.mkdir(mode=0o555)
     ro.chmod(0o555)
+    ctx.request.addfinalizer(lambda: (ro.chmod(0o755), shutil.rmtree(base)))
     return ro
 
 
 def refused_read_only(check: Callable[[Path], None], sub: str) -> Callable[[Ctx], None]:
     def run(ctx: Ctx) -> None:
-        target = read_only_folder() / sub if sub else read_only_folder()
+        folder = read_only_folder(ctx)
+        target = folder / sub if sub else folder
         if os.geteuid() == 0:
             code, text = as_nobody(lambda: check(target))
             assert code == 0, text

@@ -358,6 +358,11 @@ def _missing_message(root: Path, stage: str, lite: bool, dtype: torch.dtype | No
         looked.append(f"{' or '.join(official_names(stage, lite, dtype))} (official layout)")
     if layout in ("auto", "diffusers") and stage in DIFFUSERS_FOLDERS:
         looked.append(f"{' or '.join(n + '/' for n in DIFFUSERS_FOLDERS[stage])} with config.json (diffusers layout)")
+    broken = [f"{p} {problem}" for r in roots for n in official_names(stage, lite, dtype)
+              if (p := r / n).is_symlink() and (problem := path_problem(p))]  # fmt: skip
+    if broken:  # the file is there by name, as a link that leads nowhere: say so, not just "not found"
+        return (f"{TITLES[stage]}{variant}: {'; '.join(broken)}. Point the link at the checkpoint file, or replace "
+                "it with the file")  # fmt: skip
     msg = f"{TITLES[stage]}{variant} not found: looked for {' and '.join(looked)} in {', '.join(map(str, roots))}"
     other = _find_one(roots, stage, not lite, dtype, layout) if stage in DETECTORS else None
     if other:

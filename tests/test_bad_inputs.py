@@ -74,6 +74,9 @@ def files(tmp_path_factory) -> dict[str, Path]:
     f["a_file"].write_text("x")
     f["full_disk"] = tmp / "full.png"  # writing here fails with ENOSPC, as on a full disk
     os.symlink("/dev/full", f["full_disk"])
+    f["looped_file"] = tmp / "looped_file"  # a weights folder whose Stage C file is a symlink loop
+    f["looped_file"].mkdir()
+    os.symlink(f["looped_file"] / "stage_c_bf16.safetensors", f["looped_file"] / "stage_c_bf16.safetensors")
     f["lite_only"] = tmp / "lite_only"  # a weights folder with only the lite Stage C / B files
     f["lite_only"].mkdir()
     for name in ("stage_c_lite_bf16.safetensors", "stage_b_lite_bf16.safetensors", "stage_a.safetensors"):
@@ -356,6 +359,8 @@ ROWS = [
     ("weights-symlink-loop", ["generate", "x", "--weights", "{loop_dir}"], 2, r"is a symlink loop"),
     ("api-weights-is-a-file", weights_dir("a_file"), WeightsError, r"is a file: give the folder"),
     ("api-weights-symlink-loop", weights_dir("loop_dir"), WeightsError, r"is a symlink loop"),
+    ("checkpoint-symlink-loop", weights_dir("looped_file"), WeightsError,
+     r"Stage C big: \S+stage_c_bf16.safetensors is a symlink loop.*Point the link at the checkpoint file"),
     ("lite-hint-cli-and-python", ["generate", "x", "--weights", "{lite_only}", "--device", "cpu"], 2,
      r"Found the lite variant at \S+: pass --lite on the command line \(lite=True in Python"),
     ("api-lite-hint", weights_dir("lite_only"), WeightsError, r"pass --lite on the command line \(lite=True in Python"),

@@ -15,6 +15,7 @@ Stage B start noise, Stage B step noise, in that order.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -30,7 +31,7 @@ from torch import Tensor, nn
 
 from cascade_rt import weights
 from cascade_rt.errors import ConfigError, NumericsError
-from cascade_rt.images import to_rgb_array
+from cascade_rt.images import open_image, to_rgb_array
 from cascade_rt.models.effnet import normalize_imagenet
 from cascade_rt.models.presets import build_model
 from cascade_rt.models.text import ImageEncoder, TextEncoder, build_text_encoder, image_config
@@ -90,15 +91,29 @@ def to_pil(images: Tensor) -> list[Image.Image]:
     return [Image.fromarray(a, mode="RGB") for a in arr]
 
 
-def from_pil(images: Image.Image | Sequence[Image.Image] | Tensor) -> Tensor:
-    """PIL image(s) or a (B,3,H,W) [0,1] tensor -> (B,3,H,W) fp32 in [0,1].
+def from_pil(images: Image.Image | Sequence[Image.Image] | Tensor | str | Path) -> Tensor:
+    """PIL image(s), an image file's path, or a (B,3,H,W) / (3,H,W) tensor in [0,1] -> (B,3,H,W) fp32 in [0,1].
 
     Every PIL mode converts with its own bit depth (`cascade_rt.images.to_rgb_array`): 16-bit images keep their
     range, palette and CMYK images become their RGB colours, and alpha (RGBA, LA, transparent palettes) is
-    composited on a white background."""
+    composited on a white background. A tensor of another shape, or with values outside [0, 1] (0-255 pixels),
+    is refused rather than read wrongly."""
     if isinstance(images, Tensor):
-        return (images.unsqueeze(0) if images.dim() == 3 else images).float()
+        x = images.unsqueeze(0) if images.dim() == 3 else images
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ConfigError(f"an image tensor must be (B, 3, H, W) or (3, H, W) RGB, got {tuple(images.shape)}")
+        x = x.float()
+        lo, hi = (x.min().item(), x.max().item()) if x.numel() else (0.0, 0.0)
+        if not (math.isfinite(lo) and math.isfinite(hi)) or lo < -1e-3 or hi > 1 + 1e-3:
+            raise ConfigError(f"image tensor values must be in [0, 1], got [{lo:g}, {hi:g}]"
+                              + ("; divide 0-255 pixels by 255" if hi > 1 + 1e-3 and hi <= 255 else ""))  # fmt: skip
+        return x
+    if isinstance(images, (str, Path)):
+        images = open_image(images, "image")
     images = [images] if isinstance(images, Image.Image) else list(images)
+    if not images or not all(isinstance(im, Image.Image) for im in images):
+        raise ConfigError("an image must be a PIL image, a list of them, an image file's path, or a (B, 3, H, W) "
+                          "tensor in [0, 1]")  # fmt: skip
     arrays = [torch.from_numpy(np.ascontiguousarray(to_rgb_array(im))).permute(2, 0, 1) for im in images]
     return torch.stack(arrays).float()
 
@@ -277,6 +292,8 @@ class StableCascadePipeline:
         check_generation(height=height, width=width, images_per_prompt=images_per_prompt, steps_c=steps_c,
                          steps_b=steps_b, cfg_c=cfg_c, cfg_b=cfg_b, shift_c=shift_c, shift_b=shift_b, seed=seed,
                          strength=strength, image_given=image is not None)  # fmt: skip
+        image = from_pil(image) if image is not None else None  # read and checked before any work
+        clip_image = from_pil(clip_image) if clip_image is not None else None
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * len(prompts)
         if not prompts or len(negatives) != len(prompts):

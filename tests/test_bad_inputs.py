@@ -19,7 +19,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -424,7 +423,3 @@ def test_cli_stderr_is_one_line(files, capsys, no_models):
     assert main(fill(gen("--cfg-c", "nan"), files)) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("cascade-rt: error: --cfg-c=nan")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(pytest.main([__file__, "-q"]))

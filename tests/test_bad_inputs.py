@@ -238,13 +238,13 @@ def runtime_pipe():
     return load_pipeline(random_weights=True, preset="tiny", device="cpu", dtype=torch.float32)
 
 
-def runtime_api(**kwargs: Any) -> Callable[[Ctx], None]:
+def runtime_api(prompt: Any = "a cat", **kwargs: Any) -> Callable[[Ctx], None]:
     """`load_pipeline`'s pipeline (it bounds the batch by memory) with a text encoder that fails if called."""
 
     def run(ctx: Ctx) -> None:
         rp = ctx.request.getfixturevalue("runtime_pipe")
         ctx.monkeypatch.setattr(rp, "text_encoder", Refuses(rp.text_encoder))
-        rp("a cat", **{"height": 256, "width": 256, **kwargs})
+        rp(prompt, **{"height": 256, "width": 256, **kwargs})
 
     return run
 
@@ -283,6 +283,8 @@ ROWS = [
     ("batch-too-big", gen("--batch", "100000"), 2, r"--batch=100000: 100000 images of 256x256 need about .* GiB "
      r"\(estimate\) but the (available RAM|GPU's memory) .*is \d+\.\d GiB; lower --batch to at most \d+"),
     ("batch-zero", gen("--batch", "0"), 2, r"--batch=0: give an integer >= 1"),
+    ("api-prompts-times-batch-too-big", runtime_api(["a cat"] * 1000, images_per_prompt=100), ConfigError,
+     r"images_per_prompt=100: 100000 images .* give at most \d+ images at once \(1000 prompts x images_per_prompt"),
     ("api-batch-too-big", runtime_api(images_per_prompt=100000), ConfigError, r"images_per_prompt=100000: 100000 "
      r"images of 256x256 need about .* GiB \(estimate\).*lower images_per_prompt to at most \d+"),
     # 5: input files, before any model is loaded

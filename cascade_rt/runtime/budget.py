@@ -88,8 +88,13 @@ def check_batch_memory(
     if need <= budget:
         return
     prompts = max(prompts, 1)
-    fits = max(0, (budget - fixed) // max(per_image, 1)) // prompts
-    hint = f"lower {flag} to at most {fits}" if fits >= 1 else "lower the resolution or use smaller models"
+    images = max(0, (budget - fixed) // max(per_image, 1))  # the most images at once that fit
+    if images < 1:
+        hint = "lower the resolution or use smaller models"
+    elif prompts == 1:
+        hint = f"lower {flag} to at most {images}"
+    else:
+        hint = f"give at most {images} images at once ({prompts} prompts x {flag} is {batch})"
     raise ConfigError(
         f"{flag}={batch // prompts}: {batch} images of {height}x{width} need about {need / GiB:.1f} GiB (estimate) "
         f"but {where} is {budget / GiB:.1f} GiB; {hint}, or generate in several runs"

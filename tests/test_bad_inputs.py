@@ -258,7 +258,8 @@ def load(**kwargs: Any) -> Callable[[Ctx], None]:
         from cascade_rt import load_pipeline
 
         ctx.monkeypatch.setattr("cascade_rt.runtime.api.build_random_pipeline", lambda *a, **k: 1 / 0)
-        load_pipeline(**{"random_weights": True, "preset": "tiny", "dtype": torch.float32, **kwargs})
+        given = {k: fill([v], ctx.files)[0] if isinstance(v, str) else v for k, v in kwargs.items()}
+        load_pipeline(**{"random_weights": True, "preset": "tiny", "dtype": torch.float32, **given})
 
     return run
 
@@ -314,6 +315,8 @@ ROWS = [
     ("output-disk-full", gen(*FAST, "-o", "{full_disk}"), 2, r"could not write -o \S+full.png: No space left on "
      r"device; free some disk space"),
     ("engine-dir-file", gen("--backend", "onnxruntime", "--engine-dir", "{a_file}"), 2, r"--engine-dir \S+ is a file"),
+    ("api-engine-dir-file", load(backend="c=onnxruntime", engine_dir="{a_file}"), FileError,
+     r"engine_dir \S+a_file.txt is a file, not a folder"),
     ("engine-dir-read-only", refused_read_only(check_engine_dir, ""), FileError, r"is not writable"),
     # 9: settings, validated before any work, naming the flag
     ("cfg-c-nan", gen("--cfg-c", "nan"), 2, r"--cfg-c=nan: the classifier-free guidance scale must be a finite"),

@@ -23,13 +23,13 @@ import torch
 
 from cascade_rt.errors import ConfigError
 from cascade_rt.pipeline import CascadeOutput, StableCascadePipeline, build_random_pipeline
-from cascade_rt.runtime.backends import build_runner, parse_backend_spec, require_backend
+from cascade_rt.runtime.backends import build_runner, get_backend, parse_backend_spec, require_backend
 from cascade_rt.runtime.budget import check_batch_memory
 from cascade_rt.runtime.cuda_graphs import GraphedSampler
 from cascade_rt.runtime.memory import MemoryManager
 from cascade_rt.runtime.runner import BuildContext, StageRunner
 from cascade_rt.stages import STAGES, runtime_preset
-from cascade_rt.validation import resolve_device
+from cascade_rt.validation import check_engine_dir, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +162,8 @@ def load_pipeline(
     memory = memory or chosen.memory
     device = _device(device)
     per_stage = parse_backend_spec(backend)
+    if any(getattr(get_backend(name), "kind", "") for name in per_stage.values()):  # an engine backend
+        check_engine_dir(engine_dir, "engine_dir")
     for name in dict.fromkeys(per_stage.values()):  # fail before building gigabytes of models
         backend_obj = require_backend(name, device)
         backend_obj.prepare(device)  # process-level setup (the Triton interpreter on a CPU) before any build

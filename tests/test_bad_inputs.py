@@ -317,6 +317,8 @@ ROWS = [
     ("engine-dir-file", gen("--backend", "onnxruntime", "--engine-dir", "{a_file}"), 2, r"--engine-dir \S+ is a file"),
     ("api-engine-dir-file", load(backend="c=onnxruntime", engine_dir="{a_file}"), FileError,
      r"engine_dir \S+a_file.txt is a file, not a folder"),
+    ("engines-clean-on-a-file", ["engines", "clean", "--engine-dir", "{a_file}"], 2, r"is a file, not an engine cache"),
+    ("engines-verify-on-a-file", ["engines", "verify", "--engine-dir", "{a_file}"], 2, r"is a file, not an engine "),
     ("engine-dir-read-only", refused_read_only(check_engine_dir, ""), FileError, r"is not writable"),
     # 9: settings, validated before any work, naming the flag
     ("cfg-c-nan", gen("--cfg-c", "nan"), 2, r"--cfg-c=nan: the classifier-free guidance scale must be a finite"),

@@ -1,8 +1,9 @@
 """Image files in and out: open an input image strictly, convert any PIL mode to RGB in [0, 1], save checked.
 
-* `open_image(path, flag)`: the image fully decoded, or a `FileError` naming the path, what is wrong (missing, a
-  folder, a symlink loop, not an image, truncated or corrupt, over PIL's decompression-bomb limit) and the fix.
-  Decoding happens here, so a truncated file fails before any model is loaded, not after the compute.
+* `open_image(path, flag)` (`decode_image_bytes(data)` for an upload): the image fully decoded, or a `FileError`
+  naming the path, what is wrong (missing, a folder, a symlink loop, not an image, truncated or corrupt, over
+  PIL's decompression-bomb limit) and the fix. Decoding happens here, so a truncated file fails before any model
+  is loaded, not after the compute.
 * `to_rgb_array(image)`: (H, W, 3) float32 in [0, 1] for every PIL mode, with the bit depth the mode has (a
   16-bit image keeps its 16 bits; PIL's own `convert("RGB")` clips 16-bit values to 255, i.e. white). Alpha is
   composited on white.
@@ -58,22 +59,29 @@ def open_image(path: str | Path, flag: str = "image") -> Image.Image:
         raise FileError(f"{flag} {path} {problem}: give the path of an image file (PNG, JPEG, WebP, ...)")
     if os.path.isdir(path):
         raise FileError(f"{flag} {path} is a folder: give the path of an image file (PNG, JPEG, WebP, ...)")
+    return _decode(path, f"{flag} {path}")
+
+
+def decode_image_bytes(data: bytes, what: str = "image") -> Image.Image:
+    """`open_image` for the bytes of an image file (an upload): fully decoded, or a `FileError` saying why."""
+    return _decode(io.BytesIO(data), what)
+
+
+def _decode(source: Any, what: str) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(path)
+            image = Image.open(source)
             image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise FileError(
-            f"{flag} {path} has more pixels than PIL's decompression-bomb limit ({Image.MAX_IMAGE_PIXELS} pixels): "
+            f"{what} has more pixels than PIL's decompression-bomb limit ({Image.MAX_IMAGE_PIXELS} pixels): "
             "it is damaged or hostile, or far larger than any supported size; resize it to at most 2048 px a side"
         ) from None
     except UnidentifiedImageError:
-        raise FileError(
-            f"{flag} {path} is not an image PIL can read: give a PNG, JPEG, WebP, BMP or TIFF file"
-        ) from None
+        raise FileError(f"{what} is not an image PIL can read: give a PNG, JPEG, WebP, BMP or TIFF file") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:  # PIL reports truncation/corruption as these
-        raise FileError(f"{flag} {path} is truncated or corrupt ({exc}): re-export or re-copy the image") from None
+        raise FileError(f"{what} is truncated or corrupt ({exc}): re-export or re-copy the image") from None
     return image
 
 

@@ -136,3 +136,23 @@ def test_modes_agree_on_one_picture():
     for mode, image in variants.items():
         assert image.mode == mode
         torch.testing.assert_close(from_pil(image), ref, atol=1e-6, rtol=0, msg=mode)
+
+
+def test_server_uploads_keep_their_mode_and_bombs_are_refused(tmp_path):
+    """The server decodes uploads with the same strict decoder; a 16-bit upload reaches from_pil intact."""
+    import io
+
+    from cascade_rt.serve.schemas import RequestError, decode_image
+
+    buf = io.BytesIO()
+    Image.fromarray(GRADIENT_16).save(buf, format="PNG")
+    torch.testing.assert_close(same_channels(rgb(decode_image(buf.getvalue())))[0], EIGHT_BIT, atol=1e-6, rtol=0)
+    bomb = io.BytesIO()
+    Image.new("1", (10000, 9000)).save(bomb, format="PNG")  # 90 M pixels, a 11 kB file
+    with pytest.raises(RequestError, match="decompression-bomb limit") as info:
+        decode_image(bomb.getvalue())
+    assert info.value.status == 400
+    noise = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(noise, "PNG")
+    with pytest.raises(RequestError, match="truncated or corrupt"):
+        decode_image(noise.getvalue()[: len(noise.getvalue()) // 2])

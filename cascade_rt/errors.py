@@ -23,3 +23,8 @@ class BackendUnavailable(CascadeError):
 
 class NumericsError(CascadeError):
     """NaN/Inf in an output, or an engine outside its documented tolerance."""
+
+
+class FileError(CascadeError):
+    """An input or output path that cannot be used: missing, a folder, a symlink loop, not an image, truncated,
+    too large to decode, unwritable, or a disk that filled up while writing."""

@@ -15,6 +15,7 @@ Stage B start noise, Stage B step noise, in that order.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -30,6 +31,7 @@ from torch import Tensor, nn
 
 from cascade_rt import weights
 from cascade_rt.errors import ConfigError, NumericsError
+from cascade_rt.images import open_image, to_rgb_array
 from cascade_rt.models.effnet import normalize_imagenet
 from cascade_rt.models.presets import build_model
 from cascade_rt.models.text import ImageEncoder, TextEncoder, build_text_encoder, image_config
@@ -43,6 +45,7 @@ from cascade_rt.stages import (
     latent_shapes,
     model_set,
 )
+from cascade_rt.validation import check_generation, check_reconstruction
 
 logger = logging.getLogger(__name__)
 
@@ -88,13 +91,31 @@ def to_pil(images: Tensor) -> list[Image.Image]:
     return [Image.fromarray(a, mode="RGB") for a in arr]
 
 
-def from_pil(images: Image.Image | Sequence[Image.Image] | Tensor) -> Tensor:
-    """PIL image(s) or a (B,3,H,W) [0,1] tensor -> (B,3,H,W) fp32 in [0,1]."""
+def from_pil(images: Image.Image | Sequence[Image.Image] | Tensor | str | Path) -> Tensor:
+    """PIL image(s), an image file's path, or a (B,3,H,W) / (3,H,W) tensor in [0,1] -> (B,3,H,W) fp32 in [0,1].
+
+    Every PIL mode converts with its own bit depth (`cascade_rt.images.to_rgb_array`): 16-bit images keep their
+    range, palette and CMYK images become their RGB colours, and alpha (RGBA, LA, transparent palettes) is
+    composited on a white background. A tensor of another shape, or with values outside [0, 1] (0-255 pixels),
+    is refused rather than read wrongly."""
     if isinstance(images, Tensor):
-        return (images.unsqueeze(0) if images.dim() == 3 else images).float()
+        x = images.unsqueeze(0) if images.dim() == 3 else images
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ConfigError(f"an image tensor must be (B, 3, H, W) or (3, H, W) RGB, got {tuple(images.shape)}")
+        x = x.float()
+        lo, hi = (x.min().item(), x.max().item()) if x.numel() else (0.0, 0.0)
+        if not (math.isfinite(lo) and math.isfinite(hi)) or lo < -1e-3 or hi > 1 + 1e-3:
+            raise ConfigError(f"image tensor values must be in [0, 1], got [{lo:g}, {hi:g}]"
+                              + ("; divide 0-255 pixels by 255" if hi > 1 + 1e-3 and hi <= 255 else ""))  # fmt: skip
+        return x
+    if isinstance(images, (str, Path)):
+        images = open_image(images, "image")
     images = [images] if isinstance(images, Image.Image) else list(images)
-    arrays = [torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1) for im in images]
-    return torch.stack(arrays).float() / 255.0
+    if not images or not all(isinstance(im, Image.Image) for im in images):
+        raise ConfigError("an image must be a PIL image, a list of them, an image file's path, or a (B, 3, H, W) "
+                          "tensor in [0, 1]")  # fmt: skip
+    arrays = [torch.from_numpy(np.ascontiguousarray(to_rgb_array(im))).permute(2, 0, 1) for im in images]
+    return torch.stack(arrays).float()
 
 
 @dataclass
@@ -268,11 +289,16 @@ class StableCascadePipeline:
     ) -> CascadeOutput:
         """Text-to-image; with `image`: image-to-image (EffNet latent noised to t=`strength`, int(steps_c*strength)
         Stage C steps); with `clip_image`: image variation (its CLIP embedding conditions Stage C, zeros uncond)."""
-        check_resolution(height, width)
+        check_generation(height=height, width=width, images_per_prompt=images_per_prompt, steps_c=steps_c,
+                         steps_b=steps_b, cfg_c=cfg_c, cfg_b=cfg_b, shift_c=shift_c, shift_b=shift_b, seed=seed,
+                         strength=strength, image_given=image is not None)  # fmt: skip
+        image = from_pil(image) if image is not None else None  # read and checked before any work
+        clip_image = from_pil(clip_image) if clip_image is not None else None
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * len(prompts)
-        if not prompts or len(negatives) != len(prompts) or images_per_prompt < 1:
-            raise ConfigError("give >= 1 prompt, one negative prompt per prompt (or one), images_per_prompt >= 1")
+        if not prompts or len(negatives) != len(prompts):
+            raise ConfigError("give >= 1 prompt, and one negative prompt per prompt (or one for all)")
+        self.check_batch_memory(len(prompts) * images_per_prompt, height, width, prompts=len(prompts))
         prompts = [p for p in prompts for _ in range(images_per_prompt)]
         negatives = [n for n in negatives for _ in range(images_per_prompt)]
         batch = len(prompts)
@@ -283,12 +309,8 @@ class StableCascadePipeline:
         timer = WallTimer(timings, self.synchronize)
 
         steps, t_start = steps_c, 1.0
-        if image is not None:
-            if not 0.0 < strength <= 1.0:
-                raise ConfigError(f"strength must be in (0, 1], got {strength}")
+        if image is not None:  # strength and steps checked above
             steps, t_start = int(steps_c * strength), strength
-            if steps < 1:
-                raise ConfigError(f"steps_c * strength = {steps_c} * {strength} gives no Stage C step; raise either")
 
         embeds = self.encode(prompts, negatives, clip_image=clip_image, timer=timer)
         if image is not None:
@@ -312,6 +334,11 @@ class StableCascadePipeline:
                                         shift=shift_b, gen=gen, progress=progress, timer=timer)  # fmt: skip
         return CascadeOutput(to_pil(pixels), pixels, latent_c, latent_b, seed, previews, timings)
 
+    def check_batch_memory(self, batch: int, height: int, width: int, prompts: int = 1) -> None:
+        """Hook called before any work with the number of images generated at once. The eager reference does not
+        bound it; `cascade_rt.load_pipeline`'s pipeline refuses a batch that would not fit in memory
+        (cascade_rt/runtime/budget.py)."""
+
     # ------------------------------------------------------------------------------------------ phases
     # Text-to-image is encode -> prior -> decoder. The throughput runner and the benchmarks call these same
     # phases (with their own timer), so what they time is what a user runs.
@@ -323,6 +350,8 @@ class StableCascadePipeline:
         with timer.section("text") if timer is not None else nullcontext():
             text, pooled = self._encode_text(prompts)
             u_text, u_pooled = self._encode_text(negatives)
+            for t in (text, pooled, u_text, u_pooled):
+                check_finite(t, "text")
             clip_img = torch.zeros(len(prompts), 1, _module(self.stage_c).clip_img_mapper.in_features,
                                    device=self.device)  # fmt: skip
             u_clip_img = clip_img
@@ -378,6 +407,7 @@ class StableCascadePipeline:
         progress: Progress | None = None,
     ) -> CascadeOutput:
         """Stage A+B as an autoencoder (docs/reference.md §4.5): image -> x3/4 nearest -> EffNet -> Stage B -> Stage A."""
+        check_reconstruction(steps_b=steps_b, cfg_b=cfg_b, shift_b=shift_b, seed=seed)
         if self.effnet is None:
             raise ConfigError("reconstruction needs the EfficientNet encoder; this pipeline has none")
         pixels_in = from_pil(image)

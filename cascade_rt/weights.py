@@ -37,6 +37,7 @@ from cascade_rt.diffusers_format import (
     to_diffusers,
 )
 from cascade_rt.errors import WeightsError
+from cascade_rt.images import path_problem
 from cascade_rt.models.presets import PRESETS, Preset, build_model, get_preset
 from cascade_rt.stages import COMPONENTS, MODEL_SETS, STAGES, TITLES
 
@@ -132,7 +133,8 @@ def check_compatible(expected: Mapping[str, tuple], found: Mapping[str, tuple], 
             f"load it as preset '{got.preset}'" if got.preset else "build the model with the config it was trained with"
         )
         raise WeightsError(
-            f"{where} is {got.text}, but {what} is {exp.text}: {fix} (lite=True/False picks the variant)"
+            f"{where} is {got.text}, but {what} is {exp.text}: {fix} (--lite on the command line, lite=True/False "
+            "in Python, picks the variant)"
         )
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
@@ -148,6 +150,19 @@ def check_compatible(expected: Mapping[str, tuple], found: Mapping[str, tuple], 
         )
 
 
+def check_tensor_dtypes(expected: Mapping[str, torch.Tensor], source: TensorSource, *, what: str) -> None:
+    """Every floating-point tensor of the model must be stored as a floating-point dtype: a float tensor stored
+    as integers (a header relabelled, or not weights at all) would load as garbage values cast to float."""
+    bad = sorted(f"{k} ({source.infos[k].dtype})" for k, ref in expected.items()
+                 if k in source.infos and ref.is_floating_point() and not source.infos[k].dtype.is_floating_point)
+    if bad:
+        raise WeightsError(
+            f"{source.name}: {len(bad)} tensors that are floating point in {what} are stored with an integer "
+            f"dtype: {_listing(bad)}. The file's header was altered or it is not a Stable Cascade checkpoint; "
+            "re-download or re-convert it"
+        )
+
+
 # ------------------------------------------------------------------------------------------ loading
 def load_weights_into(model: nn.Module, source: TensorSource, *, dtype: torch.dtype, device, what: str) -> nn.Module:
     """Fill `model` (typically on 'meta') from `source` strictly, one tensor at a time; returns it in eval mode."""
@@ -155,6 +170,7 @@ def load_weights_into(model: nn.Module, source: TensorSource, *, dtype: torch.dt
     check_compatible(
         {k: tuple(v.shape) for k, v in expected.items()}, source_shapes(source), what=what, where=source.name
     )
+    check_tensor_dtypes(expected, source, what=what)
     tensors = {}
     for k, ref in expected.items():
         t = source.get(k)
@@ -213,10 +229,9 @@ def load_stage(
     ('c', 'b', 'a', 'effnet', 'previewer'), in which case big vs lite (or the diffusers config) follows the file.
     """
     path = Path(path)
-    if not path.exists():
-        raise WeightsError(
-            f"{path} does not exist: download it (see find_weights for the expected names) or fix the path"
-        )
+    problem = path_problem(path)
+    if problem:
+        raise WeightsError(f"{path} {problem}: download it (see find_weights for the expected names) or fix the path")
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise WeightsError(
@@ -308,10 +323,22 @@ def find_weights(
     return {s: p for s, p in found.items() if p is not None}
 
 
+def lite_fix(lite: bool, stage: str) -> str:
+    """How to ask for the big (lite=False) or lite variant, in the CLI's words and in Python's."""
+    cli = "pass --lite" if lite else "drop --lite"
+    return f"{cli} on the command line (lite={lite} in Python; lite={{'{stage}'}} for Stage {stage.upper()} alone)"
+
+
 def _weights_dir(weights_dir: str | Path) -> Path:
     root = Path(weights_dir)
+    problem = path_problem(root)
+    if problem:
+        raise WeightsError(f"weights folder {root} {problem}; download the checkpoints there or fix the path")
     if not root.is_dir():
-        raise WeightsError(f"weights folder {root} does not exist; download the checkpoints there or fix the path")
+        raise WeightsError(
+            f"weights folder {root} is a file: give the folder that holds the checkpoints (here {root.parent}), "
+            "not a checkpoint file (load_stage loads one file)"
+        )
     return root
 
 
@@ -331,13 +358,15 @@ def _missing_message(root: Path, stage: str, lite: bool, dtype: torch.dtype | No
         looked.append(f"{' or '.join(official_names(stage, lite, dtype))} (official layout)")
     if layout in ("auto", "diffusers") and stage in DIFFUSERS_FOLDERS:
         looked.append(f"{' or '.join(n + '/' for n in DIFFUSERS_FOLDERS[stage])} with config.json (diffusers layout)")
+    broken = [f"{p} {problem}" for r in roots for n in official_names(stage, lite, dtype)
+              if (p := r / n).is_symlink() and (problem := path_problem(p))]  # fmt: skip
+    if broken:  # the file is there by name, as a link that leads nowhere: say so, not just "not found"
+        return (f"{TITLES[stage]}{variant}: {'; '.join(broken)}. Point the link at the checkpoint file, or replace "
+                "it with the file")  # fmt: skip
     msg = f"{TITLES[stage]}{variant} not found: looked for {' and '.join(looked)} in {', '.join(map(str, roots))}"
     other = _find_one(roots, stage, not lite, dtype, layout) if stage in DETECTORS else None
     if other:
-        msg += (
-            f". Found the {'big' if lite else 'lite'} variant at {other}: "
-            f"pass lite={not lite} for Stage {stage.upper()} to use it"
-        )
+        msg += f". Found the {'big' if lite else 'lite'} variant at {other}: {lite_fix(not lite, stage)} to use it"
     return msg + ". Download the missing checkpoint into that folder or point at the folder that has it"
 
 
@@ -369,8 +398,9 @@ def load_pipeline_models(
             with open_checkpoint(path) as source:
                 got = identify(source_shapes(source))
             if got.preset and got.preset.endswith("_lite") != (s in lites):
+                asked = "--lite / lite=True" if s in lites else "no --lite / lite=False"
                 raise WeightsError(
-                    f"{path} is {got.text}, but lite={s in lites} asks for the other variant of "
-                    f"{TITLES[s]}: pass lite={s not in lites} for Stage {s.upper()} or use the matching file"
+                    f"{path} is {got.text}, but {asked} asks for the other variant of {TITLES[s]}: "
+                    f"{lite_fix(s not in lites, s)} or use the matching file"
                 )
     return {s: load_stage(presets.get(s, s), path, dtype=dtypes[s], device=device) for s, path in found.items()}

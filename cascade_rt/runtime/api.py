@@ -23,11 +23,13 @@ import torch
 
 from cascade_rt.errors import ConfigError
 from cascade_rt.pipeline import CascadeOutput, StableCascadePipeline, build_random_pipeline
-from cascade_rt.runtime.backends import build_runner, parse_backend_spec, require_backend
+from cascade_rt.runtime.backends import build_runner, get_backend, parse_backend_spec, require_backend
+from cascade_rt.runtime.budget import check_batch_memory
 from cascade_rt.runtime.cuda_graphs import GraphedSampler
 from cascade_rt.runtime.memory import MemoryManager
 from cascade_rt.runtime.runner import BuildContext, StageRunner
 from cascade_rt.stages import STAGES, runtime_preset
+from cascade_rt.validation import check_engine_dir, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +103,17 @@ class RuntimePipeline(StableCascadePipeline):
         self.memory.peaks.clear()
         return self._report(super().reconstruct(*args, **kwargs))
 
+    def check_batch_memory(self, batch: int, height: int, width: int, prompts: int = 1) -> None:
+        """Refuse a batch whose estimated memory exceeds this device's (budget.py); skipped for models of no
+        known preset (the estimate builds presets on the meta device)."""
+        presets = {s: getattr(r.model, "preset", None) for s, r in self.runners.items()}
+        presets["text"] = getattr(self.text_encoder, "preset", None)
+        if all(isinstance(p, str) for p in presets.values()):
+            check_batch_memory(
+                presets, batch=batch, height=height, width=width, dtype=self.dtypes["c"], mode=self.memory.mode,
+                device=self.device, weights_loaded=True, prompts=prompts,
+            )  # fmt: skip
+
     def _report(self, out: CascadeOutput) -> RuntimeOutput:
         self.memory.finish()
         fields = {k: getattr(out, k) for k in CascadeOutput.__dataclass_fields__}
@@ -119,10 +132,7 @@ class RuntimePipeline(StableCascadePipeline):
 
 
 def _device(device: str | torch.device | None) -> torch.device:
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device cuda was asked for but torch sees no CUDA GPU; use device='cpu'")
-    return device
+    return resolve_device(device)  # cpu, cuda or cuda:N that exists here (cascade_rt.validation)
 
 
 def load_pipeline(
@@ -152,6 +162,8 @@ def load_pipeline(
     memory = memory or chosen.memory
     device = _device(device)
     per_stage = parse_backend_spec(backend)
+    if any(getattr(get_backend(name), "kind", "") for name in per_stage.values()):  # an engine backend
+        check_engine_dir(engine_dir, "engine_dir")
     for name in dict.fromkeys(per_stage.values()):  # fail before building gigabytes of models
         backend_obj = require_backend(name, device)
         backend_obj.prepare(device)  # process-level setup (the Triton interpreter on a CPU) before any build

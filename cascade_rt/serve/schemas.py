@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
 import random
 from collections.abc import Callable
@@ -20,10 +19,11 @@ from email.parser import BytesParser
 from email.policy import HTTP
 from typing import Any, Literal
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from cascade_rt.errors import ConfigError
+from cascade_rt.errors import ConfigError, FileError
+from cascade_rt.images import decode_image_bytes
 from cascade_rt.stages import IMG2IMG_STRENGTH, SAMPLING, check_resolution
 
 MAX_STEPS = 100
@@ -140,7 +140,9 @@ def parse_size(size: str | None, limits: Limits) -> tuple[int, int]:
 
 
 def decode_image(data: bytes | str, param: str = "image") -> Image.Image:
-    """Bytes (or base64 text) of an image -> RGB PIL image; anything else is a 400 naming the parameter."""
+    """Bytes (or base64 text) of an image -> the decoded PIL image in its own mode (`pipeline.from_pil` converts
+    16-bit, palette, CMYK and alpha images correctly; PIL's convert("RGB") would clip 16-bit values to white);
+    anything else, a truncated image or a decompression bomb included, is a 400 naming the parameter."""
     if isinstance(data, str):
         try:
             data = base64.b64decode(data.split(",", 1)[-1] if data.startswith("data:") else data, validate=True)
@@ -148,12 +150,10 @@ def decode_image(data: bytes | str, param: str = "image") -> Image.Image:
             raise RequestError(400, f"{param} is not base64 text; send a base64-encoded PNG or JPEG", param) from None
     if len(data) > MAX_IMAGE_BYTES:
         raise RequestError(413, f"{param} is {len(data)} bytes; the limit is {MAX_IMAGE_BYTES}", param)
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise RequestError(400, f"{param} cannot be decoded as an image ({exc}); send a PNG or JPEG", param) from None
-    return image.convert("RGB")
+    try:  # decoded strictly (truncation and decompression bombs are refused); any PIL mode: from_pil converts it
+        return decode_image_bytes(data, "the upload")
+    except FileError as exc:
+        raise RequestError(400, f"{param} cannot be decoded as an image: {exc}", param) from None
 
 
 def parse_generation(data: Any, limits: Limits, *, mode: str = "text", image: Image.Image | None = None,

@@ -194,6 +194,8 @@ class EngineCache:
 
     # ---- list / verify / clean
     def entries(self) -> list[Entry]:
+        if self.root.exists() and not self.root.is_dir():
+            raise EngineError(f"--engine-dir {self.root} is a file, not an engine cache folder")
         out = []
         for path in sorted(self.root.glob("*" + MANIFEST_SUFFIX)):
             try:

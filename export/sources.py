@@ -87,7 +87,8 @@ def weights_source(stage: str, weights_dir: str | Path, precision: str, *, lite:
     else:
         found = find_weights(weights_dir, lite=lite, dtype=dtype)
         if family not in found:
-            raise WeightsError(f"no {family!r} checkpoint in {weights_dir} (lite={lite})")
+            variant = "lite (--lite, lite=True)" if lite else "big (without --lite, lite=False)"
+            raise WeightsError(f"no {family!r} checkpoint of the {variant} models in {weights_dir}")
         path = found[family]
         model = load_stage(family, path, dtype=dtype)
         preset = preset_of(model)

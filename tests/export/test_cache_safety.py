@@ -88,7 +88,9 @@ def test_engine_dir_that_is_a_file_or_read_only_is_refused_before_any_build(tmp_
     a_file.write_text("not a folder")
     with pytest.raises(EngineError, match="is a file"):
         EngineCache(a_file).ensure(request_for(previewer), previewer.model)
-    assert main(["engines", "clean", "--engine-dir", str(a_file)]) == 2 and a_file.read_text() == "not a folder"
+    for action in ("clean", "list", "verify"):
+        assert main(["engines", action, "--engine-dir", str(a_file)]) == 2
+    assert a_file.read_text() == "not a folder"
     if os.geteuid() == 0:
         pytest.skip("root can write to read-only folders; the read-only check is tested as a normal user")
     read_only = tmp_path / "ro"

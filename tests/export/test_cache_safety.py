@@ -83,7 +83,7 @@ def test_clean_dry_run_lists_and_clean_removes_only_cache_leftovers(cache_dir: P
     assert len(list(cache_dir.glob("previewer-*.json"))) == 1  # the valid engine stays
 
 
-def test_engine_dir_that_is_a_file_or_read_only_is_refused_before_any_build(tmp_path: Path, previewer):
+def test_engine_dir_that_is_a_file_is_refused_before_any_build(tmp_path: Path, previewer):
     a_file = tmp_path / "engines"
     a_file.write_text("not a folder")
     with pytest.raises(EngineError, match="is a file"):
@@ -91,6 +91,9 @@ def test_engine_dir_that_is_a_file_or_read_only_is_refused_before_any_build(tmp_
     for action in ("clean", "list", "verify"):
         assert main(["engines", action, "--engine-dir", str(a_file)]) == 2
     assert a_file.read_text() == "not a folder"
+
+
+def test_read_only_engine_dir_is_refused_before_any_build(tmp_path: Path, previewer):
     if os.geteuid() == 0:
         pytest.skip("root can write to read-only folders; the read-only check is tested as a normal user")
     read_only = tmp_path / "ro"

@@ -102,9 +102,10 @@ def test_pack_unpack_roundtrip_mixed_widths():
 
 
 def test_request_names_and_cfg_normalisation():
-    r = EngineRequest("stage_a", "stage_a_tiny", "onnx", "fp32", "h", Dims(1, 256, 256, cfg=True))
-    assert r.dims.cfg is False and r.engine_file == "stage_a-stage_a_tiny-fp32-b1-256x256-onnx.onnx"
-    d = EngineRequest("stage_c", "stage_c_tiny", "tensorrt", "bf16", "h", Dims(1, 1024, 1024), dynamic=True)
-    assert d.name == "stage_c-stage_c_tiny-bf16-dynamic-cfg-tensorrt" and d.onnx_source().format == "onnx"
+    r = EngineRequest("stage_a", "stage_a_tiny", "onnx", "fp32", "sha256:0123456789abcdef", Dims(1, 256, 256, cfg=True))
+    assert r.dims.cfg is False and r.engine_file == "stage_a-stage_a_tiny-0123456789-fp32-b1-256x256-onnx.onnx"
+    d = EngineRequest("stage_c", "stage_c_tiny", "tensorrt", "bf16", "model:fedcba9876543", Dims(1, 1024, 1024),
+                      dynamic=True)
+    assert d.name == "stage_c-stage_c_tiny-fedcba9876-bf16-dynamic-cfg-tensorrt" and d.onnx_source().format == "onnx"
     with pytest.raises(ConfigError):
         EngineRequest("stage_x", "p", "onnx", "fp32", "h")

@@ -48,7 +48,7 @@ class Combo:
 
     def row(self) -> dict[str, Any]:
         return {"label": self.label, "kind": self.kind, "per_stage": self.per_stage, "graphs": self.graphs,
-                "status": "ok"}  # fmt: skip
+                "status": "ok"}
 
 
 def parse_combo(text: str, skip_reason: str | None = None) -> Combo:
@@ -112,7 +112,7 @@ def _engine_builds(before: dict[Path, float], engine_dir: Path) -> list[dict[str
             continue
         if isinstance(d, dict) and "format" in d and isinstance(d.get("build"), dict):
             builds.append({"stage": d.get("stage"), "format": d["format"], "precision": d.get("precision"),
-                           "seconds": d["build"].get("seconds")})  # fmt: skip
+                           "seconds": d["build"].get("seconds")})
     return sorted(builds, key=lambda b: (str(b["stage"]), str(b["format"])))
 
 
@@ -217,7 +217,7 @@ def finish(p: Prepared, case: Case, ref: Prepared | None, ref32: Any, costs: dic
     if ref is not None and ref.runs:
         speedup = {"e2e": metrics.percentile([r.ms["total"] for r in ref.runs], 50) / median}
         speedup.update({s: metrics.percentile([r.ms[s] for r in ref.runs], 50) / stage_ms[s]["median"]
-                        for s in STAGE_SECTIONS})  # fmt: skip
+                        for s in STAGE_SECTIONS})
     return {
         **p.combo.row(),
         "setup_ms": p.setup_ms,

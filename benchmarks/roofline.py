@@ -78,7 +78,7 @@ def _stage_cost(stage: str, preset: str, pooled_preset: str, height: int, width:
         cond = model.prepare_conditioning(
             torch.zeros(n, 77, dims["text"], **meta), torch.zeros(n, 1, dims["pooled"], **meta),
             torch.zeros(n, 1, dims["image"], **meta),
-        )  # fmt: skip
+        )
         x = torch.zeros(n, dims["c_in_c"], *latent_hw("c", height, width), **meta)
         fn = lambda: model.denoise(x, torch.full((n,), 0.5, **meta), **cond)  # noqa: E731
     elif stage == "b":

@@ -27,7 +27,7 @@ from cascade_rt.diffusers_format import (
     variants_in,
     weight_files,
     write_component,
-)  # fmt: skip
+)
 from cascade_rt.errors import WeightsError
 from cascade_rt.models.presets import get_preset
 from cascade_rt.weights import (
@@ -42,7 +42,7 @@ from cascade_rt.weights import (
     resolve_preset,
     search_roots,
     source_shapes,
-)  # fmt: skip
+)
 
 logger = logging.getLogger(__name__)
 

@@ -194,7 +194,7 @@ def build_plan(
     plan = StagePlan(
         mode=mode, steps=steps, stochastic=stochastic, output=output, t=t, log_snr=lsnr, r=r,
         a=a, b=b, a_next=a_next, c_eps=c_eps, sigma=noise_mult,
-    )  # fmt: skip
+    )
     return plan.to(device) if device is not None else plan
 
 

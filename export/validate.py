@@ -75,7 +75,7 @@ def validate(
     report: dict[str, Any] = {
         "status": "passed", "seed": seed, "shapes": {k: list(v.shape) for k, v in inputs.items()},
         "tolerance": tol, "outputs": {}, "errors": [], "engine_seconds": round(engine_s, 4),
-    }  # fmt: skip
+    }
     for name in spec.output_names:
         if name not in got:
             report["errors"].append(f"{name}: missing from the engine's outputs")
@@ -92,7 +92,7 @@ def validate(
     logger.info(
         "validation %s: %s", report["status"],
         ", ".join(f"{n} rel_l2={e['rel_l2']:.2e} max_abs={e['max_abs']:.2e}" for n, e in report["outputs"].items()),
-    )  # fmt: skip
+    )
     return report
 
 

@@ -50,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "bench", help="benchmark backends and peers against the eager reference (default: tiny random CPU run)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+    )
     p.add_argument("--workload", default="tiny", help="named workload (benchmarks/workloads.py); default: tiny")
     p.add_argument("--backends", type=_csv(str), help=f"comma list of backends, each on all stages (default: {','.join(ALL_BACKENDS)})")
     p.add_argument("--combo", action="append", default=[], help="a per-stage combination, e.g. c=tensorrt,b=tensorrt,a=triton (repeatable)")
@@ -79,7 +79,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _git(*args: str) -> str | None:
     try:
         return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
-                              check=True).stdout.strip()  # fmt: skip
+                              check=True).stdout.strip()
     except Exception:  # not a checkout, or no git: recorded as unknown
         return None
 
@@ -91,7 +91,7 @@ def _device_detail(device) -> str:
         prop = torch.cuda.get_device_properties(device)
         return f"{prop.total_memory / 2**30:.0f} GiB, {prop.multi_processor_count} SMs, CUDA {torch.version.cuda}"
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""  # fmt: skip
+                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
     return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
@@ -106,9 +106,9 @@ def environment_header(device, argv: list[str]) -> dict:
         device_detail=_device_detail(device), platform=platform.platform(), git_sha=_git("rev-parse", "HEAD") or "unknown",
         git_dirty=bool(_git("status", "--porcelain", "--untracked-files=no")),
         cpu_count=os.cpu_count(), load_avg=" ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    )  # fmt: skip
+    )
     timing = ("CUDA events around each stage, read after one synchronize per run" if device.type == "cuda"
-              else "time.perf_counter around each stage")  # fmt: skip
+              else "time.perf_counter around each stage")
     return {
         "schema": "cascade-rt-bench/1",
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -202,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
     wl = get_workload(args.workload).with_overrides(
         preset_sets=args.presets, batches=args.batch, stage_b_cfgs=args.b_cfg, runs=args.runs, warmup=args.warmup,
         seed=args.seed, device=args.device,
-    )  # fmt: skip
+    )
     if wl.runs < 1 or wl.warmup < 1:
         raise ConfigError("--runs and --warmup must be >= 1 (the first run is the cold one, timed apart)")
     device = torch.device(wl.device)
@@ -214,11 +214,11 @@ def run(args: argparse.Namespace) -> int:
     header = environment_header(device, argv)
     combos = build_combos(args, device)
     print(f"cascade-rt bench: workload {wl.name} on {header['environment']['device']}, "
-          f"{len(wl.cases())} case(s) x {len(combos)} combination(s), RANDOM weights; writing {args.out}/", flush=True)  # fmt: skip
+          f"{len(wl.cases())} case(s) x {len(combos)} combination(s), RANDOM weights; writing {args.out}/", flush=True)
     run_ = run_workload(
         wl, combos, device=device, header=header, engine_dir=args.engines_dir, budget_s=args.budget_s,
         interleave=None if args.order is None else args.order == "interleaved", on_update=lambda r: _write(r, args.out),
-    )  # fmt: skip
+    )
     _write(run_, args.out)
     markdown = render_markdown(run_.results)
     (args.out / "report.md").write_text(markdown)

@@ -71,7 +71,7 @@ class StageB(CascadeUNet):
                 LayerNorm2d(c_hidden[i], elementwise_affine=False, eps=1e-6),
                 nn.ConvTranspose2d(c_hidden[i], c_hidden[i - 1], kernel_size=2, stride=2),
             ),
-        )  # fmt: skip
+        )
         self.clf = nn.Sequential(
             LayerNorm2d(c_hidden[0], elementwise_affine=False, eps=1e-6),
             nn.Conv2d(c_hidden[0], c_out * patch_size**2, kernel_size=1),

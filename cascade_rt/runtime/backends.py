@@ -29,7 +29,7 @@ from cascade_rt.runtime.runner import (
     cxx_compiler,
     eager_step,
     module_missing,
-)  # fmt: skip
+)
 from cascade_rt.stages import STAGE_ALIASES, STAGES
 
 logger = logging.getLogger(__name__)

@@ -112,7 +112,7 @@ class ThroughputRunner:
         wall = time.perf_counter() - t0
         images = sum(len(b) for b in batches)
         self.last = {"batches": len(batches), "images": images, "wall_s": wall, "images_per_s": images / wall,
-                     "overlap": self.overlap and len(jobs) > 1}  # fmt: skip
+                     "overlap": self.overlap and len(jobs) > 1}
         return outputs
 
     def _overlapped(self, jobs: list, s: Settings) -> list[CascadeOutput]:

@@ -73,7 +73,7 @@ def test_resize_rewrite_keeps_numerics():
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 3, 10, 14])
     sizes = helper.make_tensor("sizes", TensorProto.INT64, [4], [1, 3, 10, 14])
     node = helper.make_node("Resize", ["x", "", "", "sizes"], ["y"], mode="linear",
-                            coordinate_transformation_mode="align_corners", name="up")  # fmt: skip
+                            coordinate_transformation_mode="align_corners", name="up")
     graph = helper.make_graph([node], "g", [x], [y], initializer=[sizes])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
     before = model.SerializeToString()

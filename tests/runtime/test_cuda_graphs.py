@@ -25,7 +25,7 @@ def _eager(model, x, cond, uncond, seed=7, **kw):
 
 def _graphed(sampler, model, x, cond, uncond, seed=7, **kw):
     return sampler.sample_stage(model.denoise, x, cond, uncond, generator=torch.Generator().manual_seed(seed),
-                                **{**SETTINGS, **kw})  # fmt: skip
+                                **{**SETTINGS, **kw})
 
 
 # ------------------------------------------------------------------------------------------ keys
@@ -189,11 +189,11 @@ def test_gpu_graph_replay_equals_eager(dtype, whole_loop, c_inputs, b_inputs):
     models = _gpu_models(dtype)
     pool = torch.cuda.graph_pool_handle()
     cases = {"c": (c_inputs(models["c"], 2, 24, device="cuda"), dict(steps=20, cfg=4.0, shift=2.0)),
-             "b": (b_inputs(models["b"], 1, 64, device="cuda"), dict(steps=10, cfg=1.1, shift=1.0))}  # fmt: skip
+             "b": (b_inputs(models["b"], 1, 64, device="cuda"), dict(steps=10, cfg=1.1, shift=1.0))}
     for stage, ((x, cond, uncond), kw) in cases.items():
         model = models[stage]
         sampler = GraphedSampler(stage, pool=pool, whole_loop=whole_loop, debug=True,
-                                 weights=lambda m=model: list(m.parameters()))  # fmt: skip
+                                 weights=lambda m=model: list(m.parameters()))
         for seed in (1, 2):  # capture on the first call, replay on the second
             ref = _eager(model, x, cond, uncond, seed=seed, **kw)
             out = _graphed(sampler, model, x, cond, uncond, seed=seed, **kw)
@@ -255,7 +255,7 @@ def test_gpu_uncapturable_step_falls_back_once(c_inputs, caplog):
     stream = torch.cuda.current_stream()
     with caplog.at_level(logging.WARNING):
         outs = [sampler.sample_stage(host_reading, x, cond, uncond, generator=torch.Generator().manual_seed(7),
-                                     **SETTINGS) for _ in range(2)]  # fmt: skip
+                                     **SETTINGS) for _ in range(2)]
     assert torch.cuda.current_stream() == stream  # the failed capture left the caller's stream current
     ref = _eager(model, x, cond, uncond)
     assert all(torch.allclose(o, ref, atol=1e-5) for o in outs)

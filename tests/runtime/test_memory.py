@@ -56,7 +56,7 @@ def _run(model, stage, g):
             cond = model.prepare_conditioning(torch.randn(2, 16, 4, 4, generator=g),
                                               torch.randn(2, 1, dims["text_pooled"], generator=g), latent_hw=(16, 16))
             return model.denoise(torch.randn(2, 4, 16, 16, generator=g), r, **cond)
-        return model.decode(torch.randn(1, 4, 8, 8, generator=g))  # fmt: skip
+        return model.decode(torch.randn(1, 4, 8, 8, generator=g))
 
 
 @pytest.mark.parametrize("stage", ["c", "b", "a"])

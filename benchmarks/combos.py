@@ -68,7 +68,10 @@ def parse_combo(text: str, skip_reason: str | None = None) -> Combo:
 
 def build_models(case: Case, device: torch.device, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
     wl = case.workload
-    return {s: build_model(case.presets[s], device=device, dtype=dtype, seed=wl.seed + RANDOM_SEED_OFFSETS[s]) for s in STAGES}
+    return {
+        s: build_model(case.presets[s], device=device, dtype=dtype, seed=wl.seed + RANDOM_SEED_OFFSETS[s])
+        for s in STAGES
+    }
 
 
 def _build_runner(name: str, stage: str, case: Case, model: torch.nn.Module, ctx: Any) -> Any:
@@ -206,7 +209,9 @@ def accuracy(out: Any, ref: Any, ref32: Any = None) -> dict[str, Any]:
     return acc
 
 
-def finish(p: Prepared, case: Case, ref: Prepared | None, ref32: Any, costs: dict, peak_tflops: float) -> dict[str, Any]:
+def finish(
+    p: Prepared, case: Case, ref: Prepared | None, ref32: Any, costs: dict, peak_tflops: float
+) -> dict[str, Any]:
     """The result row of a measured combination. `ref`: eager's Prepared (p itself for eager's row), None when
     eager could not run (then no accuracy against it and no speed-up)."""
     e2e = [r.ms["total"] for r in p.runs]
@@ -231,7 +236,8 @@ def finish(p: Prepared, case: Case, ref: Prepared | None, ref32: Any, costs: dic
         "accuracy": accuracy(p.first, ref.first if ref is not None else None, ref32),
         "run_to_run_rel_l2": metrics.finite_or_none(metrics.relative_l2(p.runs[-1].image, p.first.image)),
         "roofline": {
-            s: roofline.achieved(costs[s[-1]]["flops_total"], stage_ms[s]["median"], peak_tflops) for s in STAGE_SECTIONS
+            s: roofline.achieved(costs[s[-1]]["flops_total"], stage_ms[s]["median"], peak_tflops)
+            for s in STAGE_SECTIONS
         },
         "speedup_vs_eager": speedup,
     }

@@ -119,7 +119,9 @@ def write_plots(results: dict[str, Any], thumbnails: dict[str, dict[str, torch.T
         p = plot_case(entry, title, out_dir / f"timings_{_slug(key)}.png")
         if p:
             written.append(p)
-        g = image_grid(thumbnails.get(key, {}), f"sample images, {key}{random_note}", out_dir / f"samples_{_slug(key)}.png")
+        g = image_grid(
+            thumbnails.get(key, {}), f"sample images, {key}{random_note}", out_dir / f"samples_{_slug(key)}.png"
+        )
         if g:
             written.append(g)
     return written

@@ -210,7 +210,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         "Columns: ms/step = the stage's median time / its steps (conditioning and sampler included); e2e = "
         "Stage C + B + A (text encoder not included); speed-up = eager e2e median / this e2e median; peak mem = "
         f"{memory_kind or 'peak memory'} during this row's timed runs (device/process-wide, so it includes whatever "
-        "else was resident), in parentheses its rise over what was in use when a run started; cold costs are apart from the steady-state numbers "
+        "else was resident), in parentheses its rise over what was in use when a run started; cold costs are apart "
+        "from the steady-state numbers "
         "(setup = export + engine build or cache load + module swaps; 1st-run extra = first run minus the median: "
         "lazy compilation, autotuning, CUDA-graph capture); rel err = ||x - x_eager|| / ||x_eager|| of the stage's "
         "output latent; PSNR of the final image against eager's (inf = identical); vs fp32 (when shown) = the same "
@@ -238,7 +239,8 @@ def csv_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "e2e_median_ms": row["e2e_ms"]["median"] if ok else None,
                 "e2e_p90_ms": row["e2e_ms"]["p90"] if ok else None,
                 **{f"{s}_ms": row["stage_ms"][s]["median"] if ok else None for s in ("stage_c", "stage_b", "stage_a")},
-                "images_per_s": row.get("images_per_s"), "peak_memory_bytes": row["peak_memory"]["bytes"] if ok else None,
+                "images_per_s": row.get("images_per_s"),
+                "peak_memory_bytes": row["peak_memory"]["bytes"] if ok else None,
                 "setup_ms": row["cold"]["setup_ms"] if ok else None,
                 "first_run_extra_ms": row["cold"]["first_run_extra_ms"] if ok else None,
                 "rel_l2_stage_c": acc.get("rel_l2_stage_c"), "rel_l2_stage_b": acc.get("rel_l2_stage_b"),

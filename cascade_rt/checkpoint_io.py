@@ -278,7 +278,8 @@ def weights_hash(obj: str | Path | Mapping[str, torch.Tensor] | Iterable[str | P
             h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
             flat = t.reshape(-1)
             if not full and flat.numel() > 256:
-                flat = flat[torch.linspace(0, flat.numel() - 1, 256, dtype=torch.float64).long()]  # fp32 overshoots past 2**24
+                # float64 positions: fp32 overshoots past 2**24
+                flat = flat[torch.linspace(0, flat.numel() - 1, 256, dtype=torch.float64).long()]
             h.update(flat.cpu().contiguous().view(torch.uint8).numpy().tobytes())
         return "sha256:" + h.hexdigest()
     if isinstance(obj, (str, os.PathLike)) and Path(obj).is_dir():

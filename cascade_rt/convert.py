@@ -134,7 +134,8 @@ def convert_to_official(src: str | Path, dst: str | Path, *, overwrite: bool = F
     else:
         roots = search_roots(src) if src.is_dir() else []
         folders = [
-            r / n for r in roots for names in DIFFUSERS_FOLDERS.values() for n in names if (r / n / "config.json").is_file()
+            r / n for r in roots for names in DIFFUSERS_FOLDERS.values() for n in names
+            if (r / n / "config.json").is_file()
         ]
     if not folders:
         raise WeightsError(

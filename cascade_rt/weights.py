@@ -240,7 +240,9 @@ def load_stage(
                 f"load_pipeline_models"
             )
         stage, kwargs, source = open_component(path, dtype)
-        preset = get_preset(stage_or_preset) if stage_or_preset in PRESETS and stage_or_preset not in COMPONENTS else None
+        preset = (
+            get_preset(stage_or_preset) if stage_or_preset in PRESETS and stage_or_preset not in COMPONENTS else None
+        )
         if (preset.stage if preset else stage_or_preset) != stage:
             want = TITLES.get(preset.stage if preset else stage_or_preset, stage_or_preset)
             raise WeightsError(f"{path}/config.json describes {TITLES[stage]}, not {want}: pass the folder of {want}")

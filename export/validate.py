@@ -25,9 +25,10 @@ TOLERANCES: dict[str, dict[str, float]] = {
     "fp16": {"rel_l2": 1e-2, "max_abs_rel": 5e-2},
     "bf16": {"rel_l2": 5e-2, "max_abs_rel": 2e-1},
 }
-# The denoisers embed r as sin/cos(10^4 * r * f) (docs/reference.md §1.2) in fp32: near r = 1 the phase carries an error of
-# ~ulp(10^4) = 1e-3 in ANY fp32 implementation, so two correct ones (torch, ONNX Runtime) differ by up to ~1e-4
-# (measured on stage_c_tiny: 3e-7 at r = 0, 9e-5 at r = 0.99). Their fp32 bound is set by that, not by the engine.
+# The denoisers embed r as sin/cos(10^4 * r * f) (docs/reference.md §1.2) in fp32: near r = 1 the phase carries
+# an error of ~ulp(10^4) = 1e-3 in ANY fp32 implementation, so two correct ones (torch, ONNX Runtime) differ by up
+# to ~1e-4 (measured on stage_c_tiny: 3e-7 at r = 0, 9e-5 at r = 0.99). Their fp32 bound is set by that, not by the
+# engine.
 DENOISER_FP32 = {"rel_l2": 5e-4, "max_abs_rel": 2e-3}
 
 

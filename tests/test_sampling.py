@@ -1,4 +1,5 @@
-"""GDF sampling: schedule values (docs/reference.md §3.8), CFG rescale, DDPM/DDIM steps, the loop, diffusers parity, no host sync."""
+"""GDF sampling: schedule values (docs/reference.md §3.8), CFG rescale, DDPM/DDIM steps, the loop, diffusers parity,
+no host sync."""
 
 from __future__ import annotations
 
@@ -138,8 +139,8 @@ def _reference_loop(x, scale_c, scale_u, noises, *, steps, shift, cfg, rho, eta)
         var = min(max(var, 1e-4), 0.9999)
         return min(max(math.log(var / (1 - var)) - 2 * math.log(shift), lo), hi)
 
-    def ab(l):
-        return math.sqrt(1 / (1 + math.exp(-l))), math.sqrt(1 / (1 + math.exp(l)))
+    def ab(logsnr):
+        return math.sqrt(1 / (1 + math.exp(-logsnr))), math.sqrt(1 / (1 + math.exp(logsnr)))
 
     x = x.double()
     x0 = None
@@ -205,7 +206,7 @@ def test_no_cfg_single_pass_batch_b():
 
 
 def test_diffusers_mode_matches_diffusers_scheduler():
-    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers")
     from diffusers.schedulers.scheduling_ddpm_wuerstchen import DDPMWuerstchenScheduler
 
     steps, cfg = 10, 4.0
@@ -262,9 +263,9 @@ def test_img2img_plan_and_diffuse():
     x0 = torch.randn(2, 16, 3, 3, generator=torch.Generator().manual_seed(0))
     noise = torch.randn(2, 16, 3, 3, generator=torch.Generator().manual_seed(1))
     noised = diffuse(x0, 0.8, noise)
-    l = log_snr(torch.tensor([0.8]))
-    a, b = vp_scaler(l)
-    assert noise_cond(l).item() == pytest.approx(0.8, abs=1e-5)  # shift 1: r == t
+    logsnr = log_snr(torch.tensor([0.8]))
+    a, b = vp_scaler(logsnr)
+    assert noise_cond(logsnr).item() == pytest.approx(0.8, abs=1e-5)  # shift 1: r == t
     torch.testing.assert_close(noised, a * x0 + b * noise)
     assert a.item() ** 2 + b.item() ** 2 == pytest.approx(1.0, abs=1e-6)
     per_sample = diffuse(x0, torch.tensor([0.0, 1.0]), noise)

@@ -166,7 +166,8 @@ def test_vqgan_folder_uses_its_scale_factor(tmp_path, tiny):
 
 
 def test_released_configs_match_the_diffusers_repos():
-    # the values of stabilityai/stable-cascade{,-prior} prior/, prior_lite/, decoder/, decoder_lite/ (docs/reference.md §8.1)
+    # the values of stabilityai/stable-cascade{,-prior} prior/, prior_lite/, decoder/, decoder_lite/
+    # (docs/reference.md §8.1)
     table = {
         "stage_c": ([2048, 2048], [32, 32], [8, 24], [24, 8], [1, 1], [1, 1], 2048),
         "stage_c_lite": ([1536, 1536], [24, 24], [4, 12], [12, 4], [1, 1], [1, 1], 1536),

@@ -52,11 +52,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--workload", default="tiny", help="named workload (benchmarks/workloads.py); default: tiny")
-    p.add_argument("--backends", type=_csv(str), help=f"comma list of backends, each on all stages (default: {','.join(ALL_BACKENDS)})")
-    p.add_argument("--combo", action="append", default=[], help="a per-stage combination, e.g. c=tensorrt,b=tensorrt,a=triton (repeatable)")
-    p.add_argument("--peers", type=_csv(str), help=f"comma list of peers (default: {','.join(ALL_PEERS)}); 'none' for none")
-    p.add_argument("--graphs", action="store_true", help="also run each CUDA-graph-safe backend with CUDA graphs (+graphs)")
-    p.add_argument("--presets", type=_csv(str), help="preset sets to run: big, lite, chart, tiny (default: the workload's)")
+    p.add_argument("--backends", type=_csv(str),
+                   help=f"comma list of backends, each on all stages (default: {','.join(ALL_BACKENDS)})")
+    p.add_argument("--combo", action="append", default=[],
+                   help="a per-stage combination, e.g. c=tensorrt,b=tensorrt,a=triton (repeatable)")
+    p.add_argument("--peers", type=_csv(str),
+                   help=f"comma list of peers (default: {','.join(ALL_PEERS)}); 'none' for none")
+    p.add_argument("--graphs", action="store_true",
+                   help="also run each CUDA-graph-safe backend with CUDA graphs (+graphs)")
+    p.add_argument("--presets", type=_csv(str),
+                   help="preset sets to run: big, lite, chart, tiny (default: the workload's)")
     p.add_argument("--batch", type=_csv(int), help="batch sizes, e.g. 1,4 (default: the workload's)")
     p.add_argument("--b-cfg", type=_csv(float), help="Stage B cfg values, e.g. 1.1,0 (default: the workload's)")
     p.add_argument("--runs", type=int, help="timed runs per combination (default: the workload's)")
@@ -72,7 +77,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--budget-s", type=float, help="stop starting new combinations after this many seconds")
     p.add_argument("--record", action="store_true", help="also copy the run into benchmarks/results/ (+ results.csv)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots and the image grid")
-    p.add_argument("--list", action="store_true", help="list workloads, backends (with availability) and peers, then exit")
+    p.add_argument("--list", action="store_true",
+                   help="list workloads, backends (with availability) and peers, then exit")
     p.set_defaults(func=run)
 
 
@@ -103,9 +109,11 @@ def environment_header(device, argv: list[str]) -> dict:
     env = environment()
     env["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     env.update(
-        device_detail=_device_detail(device), platform=platform.platform(), git_sha=_git("rev-parse", "HEAD") or "unknown",
+        device_detail=_device_detail(device), platform=platform.platform(),
+        git_sha=_git("rev-parse", "HEAD") or "unknown",
         git_dirty=bool(_git("status", "--porcelain", "--untracked-files=no")),
-        cpu_count=os.cpu_count(), load_avg=" ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        cpu_count=os.cpu_count(),
+        load_avg=" ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else None,
     )
     timing = ("CUDA events around each stage, read after one synchronize per run" if device.type == "cuda"
               else "time.perf_counter around each stage")

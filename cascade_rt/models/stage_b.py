@@ -1,4 +1,5 @@
-"""Stage B, the decoder from the Stage C latent to the Stage A latent (official `modules/stage_b.py`), docs/reference.md §1.4.
+"""Stage B, the decoder from the Stage C latent to the Stage A latent (official `modules/stage_b.py`),
+docs/reference.md §1.4.
 
 Constructor arguments, names and defaults are the official ones (defaults = the "3B"/1.5B model).
 `forward(x, r, effnet, clip, pixels=None)` returns epsilon and equals
@@ -83,7 +84,9 @@ class StageB(CascadeUNet):
         """(B, 4, c_cond): the pooled text embedding mapped to `c_clip_seq` tokens, LayerNorm'ed."""
         if clip.dim() == 2:
             clip = clip.unsqueeze(1)
-        tokens = self.clip_mapper(clip.to(self.clip_mapper.weight.dtype)).view(clip.size(0), clip.size(1) * self.c_clip_seq, -1)
+        tokens = self.clip_mapper(clip.to(self.clip_mapper.weight.dtype)).view(
+            clip.size(0), clip.size(1) * self.c_clip_seq, -1
+        )
         return layer_norm_fp32(self.clip_norm, tokens)
 
     def prepare_conditioning(

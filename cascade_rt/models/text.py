@@ -416,7 +416,8 @@ class ImageEncoder(_ClipTower):
         return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
     def preprocess(self, images: Tensor) -> Tensor:
-        """[0,1] RGB (B,3,H,W) -> Resize(shorter side, bicubic) -> CenterCrop -> CLIP normalisation (docs/reference.md §4.2)."""
+        """[0,1] RGB (B,3,H,W) -> Resize(shorter side, bicubic) -> CenterCrop -> CLIP normalisation
+        (docs/reference.md §4.2)."""
         from torchvision.transforms.v2 import functional as TF  # torchvision: 3 s to import, only when used
 
         size = self.config.image_size

@@ -291,7 +291,9 @@ class GraphedSampler:
         self._check_weights()
 
         entry = self.entries.get(key)
-        if entry is not None and (entry.static.signature != input_signature(inputs) or plan.steps > entry.static.max_steps):
+        if entry is not None and (
+            entry.static.signature != input_signature(inputs) or plan.steps > entry.static.max_steps
+        ):
             self._warn_once(("mismatch", key), "stage %s: %s has other conditioning shapes or more steps than "
                             "captured; running eagerly", self.stage, key)
             self.stats["fallbacks"] += 1
@@ -314,7 +316,9 @@ class GraphedSampler:
         self._replay(entry, plan.steps, callback)
         return (static.x0 if plan.output == "x0" else static.x).clone()
 
-    def key_for(self, x: Tensor, plan: StagePlan, inputs: Mapping[str, Any], guided: bool, whole_loop: bool) -> GraphKey:
+    def key_for(
+        self, x: Tensor, plan: StagePlan, inputs: Mapping[str, Any], guided: bool, whole_loop: bool
+    ) -> GraphKey:
         tensors = [t for t in tree_flatten(dict(inputs))[0] if isinstance(t, Tensor) and t.is_floating_point()]
         dtype = tensors[0].dtype if tensors else x.dtype
         return GraphKey(

@@ -58,7 +58,8 @@ def test_prepare_bf16_stage_b_for_strongly_typed_tensorrt(bf16_stage_b: Path):
 
 
 def test_exported_resizes_are_already_fp32(bf16_stage_b: Path):
-    """Our models interpolate in fp32 (docs/reference.md §6.2), so bf16 graphs carry no bf16 Resize for TensorRT to reject."""
+    """Our models interpolate in fp32 (docs/reference.md §6.2), so bf16 graphs carry no bf16 Resize for TensorRT
+    to reject."""
     src = next(bf16_stage_b.glob("stage_b_cond-*.onnx"))
     model = onnx.load(str(src), load_external_data=False)
     types = value_types(model)

@@ -48,7 +48,7 @@ class Combo:
 
     def row(self) -> dict[str, Any]:
         return {"label": self.label, "kind": self.kind, "per_stage": self.per_stage, "graphs": self.graphs,
-                "status": "ok"}  # fmt: skip
+                "status": "ok"}
 
 
 def parse_combo(text: str, skip_reason: str | None = None) -> Combo:
@@ -68,7 +68,10 @@ def parse_combo(text: str, skip_reason: str | None = None) -> Combo:
 
 def build_models(case: Case, device: torch.device, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
     wl = case.workload
-    return {s: build_model(case.presets[s], device=device, dtype=dtype, seed=wl.seed + RANDOM_SEED_OFFSETS[s]) for s in STAGES}
+    return {
+        s: build_model(case.presets[s], device=device, dtype=dtype, seed=wl.seed + RANDOM_SEED_OFFSETS[s])
+        for s in STAGES
+    }
 
 
 def _build_runner(name: str, stage: str, case: Case, model: torch.nn.Module, ctx: Any) -> Any:
@@ -112,7 +115,7 @@ def _engine_builds(before: dict[Path, float], engine_dir: Path) -> list[dict[str
             continue
         if isinstance(d, dict) and "format" in d and isinstance(d.get("build"), dict):
             builds.append({"stage": d.get("stage"), "format": d["format"], "precision": d.get("precision"),
-                           "seconds": d["build"].get("seconds")})  # fmt: skip
+                           "seconds": d["build"].get("seconds")})
     return sorted(builds, key=lambda b: (str(b["stage"]), str(b["format"])))
 
 
@@ -206,7 +209,9 @@ def accuracy(out: Any, ref: Any, ref32: Any = None) -> dict[str, Any]:
     return acc
 
 
-def finish(p: Prepared, case: Case, ref: Prepared | None, ref32: Any, costs: dict, peak_tflops: float) -> dict[str, Any]:
+def finish(
+    p: Prepared, case: Case, ref: Prepared | None, ref32: Any, costs: dict, peak_tflops: float
+) -> dict[str, Any]:
     """The result row of a measured combination. `ref`: eager's Prepared (p itself for eager's row), None when
     eager could not run (then no accuracy against it and no speed-up)."""
     e2e = [r.ms["total"] for r in p.runs]
@@ -217,7 +222,7 @@ def finish(p: Prepared, case: Case, ref: Prepared | None, ref32: Any, costs: dic
     if ref is not None and ref.runs:
         speedup = {"e2e": metrics.percentile([r.ms["total"] for r in ref.runs], 50) / median}
         speedup.update({s: metrics.percentile([r.ms[s] for r in ref.runs], 50) / stage_ms[s]["median"]
-                        for s in STAGE_SECTIONS})  # fmt: skip
+                        for s in STAGE_SECTIONS})
     return {
         **p.combo.row(),
         "setup_ms": p.setup_ms,
@@ -231,7 +236,8 @@ def finish(p: Prepared, case: Case, ref: Prepared | None, ref32: Any, costs: dic
         "accuracy": accuracy(p.first, ref.first if ref is not None else None, ref32),
         "run_to_run_rel_l2": metrics.finite_or_none(metrics.relative_l2(p.runs[-1].image, p.first.image)),
         "roofline": {
-            s: roofline.achieved(costs[s[-1]]["flops_total"], stage_ms[s]["median"], peak_tflops) for s in STAGE_SECTIONS
+            s: roofline.achieved(costs[s[-1]]["flops_total"], stage_ms[s]["median"], peak_tflops)
+            for s in STAGE_SECTIONS
         },
         "speedup_vs_eager": speedup,
     }

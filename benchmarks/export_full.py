@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
                     "load_average_at_start": os.getloadavg()},  # shared machine: times are upper bounds
         "versions": library_versions(), "git_sha": git_sha(), "graphs": [],
-    }  # fmt: skip
+    }
     start = time.perf_counter()
     source = random_source(stages[1], args.preset, args.precision, seed=0)
     result["build_model_seconds"] = round(time.perf_counter() - start, 1)
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     result["peak_rss_gb_after_model"] = round(peak_rss_gb(), 2)
     for stage in stages:
         request = EngineRequest(stage, args.preset, "onnx", args.precision, source.weights_hash,
-                                Dims(1, args.height, args.width, cfg=True))  # fmt: skip
+                                Dims(1, args.height, args.width, cfg=True))
         t0 = time.perf_counter()
         cache.ensure(request, source.model, options={"weights_source": source.record})
         m = Manifest.read(cache.manifest_path(request))
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             "opset": m.build.get("opset"), "n_op_types": len(m.build.get("ops", [])),
             "validation": {k: m.validation.get(k) for k in ("status", "reason", "outputs")},
             "checks": "onnx.checker.check_model(path, full_check=True) + strict shape inference + spec I/O: passed",
-        })  # fmt: skip
+        })
         logger.info("%s: %s", stage, json.dumps(result["graphs"][-1]))
     result["total_seconds"] = round(time.perf_counter() - start, 1)
     result["machine"]["load_average_at_end"] = os.getloadavg()

@@ -67,10 +67,10 @@ def run_once(stages: StageSet, case: Case, inputs: CaseInputs, device: torch.dev
     gen = torch.Generator("cpu").manual_seed(inputs.seed)
     sc, sb = case.stage_c, case.stage_b
     embeds = PromptEmbeds(inputs.clip_text, inputs.clip_text_pooled, inputs.uncond_text, inputs.uncond_pooled,
-                          inputs.clip_img, inputs.clip_img)  # fmt: skip
+                          inputs.clip_img, inputs.clip_img)
     timer.start()
     latent_c = pipe.prior(embeds, inputs.x_c, steps=sc.steps, cfg=_cfg(sc), shift=sc.shift, gen=gen, timer=timer)
     image, latent_b = pipe.decoder(latent_c, embeds.pooled, embeds.u_pooled, inputs.x_b, steps=sb.steps,
-                                   cfg=_cfg(sb), shift=sb.shift, gen=gen, timer=timer)  # fmt: skip
+                                   cfg=_cfg(sb), shift=sb.shift, gen=gen, timer=timer)
     timer.finish()
     return RunOutput(latent_c.float(), latent_b.float(), image, timer.elapsed_ms())

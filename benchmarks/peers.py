@@ -45,7 +45,9 @@ class DiffusersRunner:
         cast = lambda t: t.to(self.dtype)  # noqa: E731
         if self.stage == "c":
             clip_text, clip_text_pooled, clip_img = args
-            return {"clip_text": cast(clip_text), "clip_text_pooled": cast(clip_text_pooled), "clip_img": cast(clip_img)}
+            return {
+                "clip_text": cast(clip_text), "clip_text_pooled": cast(clip_text_pooled), "clip_img": cast(clip_img)
+            }
         effnet, clip = args[:2]
         return {"effnet": cast(effnet), "clip_text_pooled": cast(clip)}
 

@@ -41,7 +41,7 @@ def plot_case(entry: dict[str, Any], title: str, path: Path) -> Path | None:
     labels = [r["label"] + (" (peer)" if r["kind"] == "peer" else "") for r in rows]
     y = list(range(len(rows)))
     fig, axes = plt.subplots(1, 3, figsize=(15, 1.2 + 0.55 * len(rows)), sharey=True,
-                             gridspec_kw={"width_ratios": [2.2, 1, 1]})  # fmt: skip
+                             gridspec_kw={"width_ratios": [2.2, 1, 1]})
     left = [0.0] * len(rows)
     for stage, color in STAGE_COLORS.items():
         widths = [r["stage_ms"][stage]["median"] for r in rows]
@@ -119,7 +119,9 @@ def write_plots(results: dict[str, Any], thumbnails: dict[str, dict[str, torch.T
         p = plot_case(entry, title, out_dir / f"timings_{_slug(key)}.png")
         if p:
             written.append(p)
-        g = image_grid(thumbnails.get(key, {}), f"sample images, {key}{random_note}", out_dir / f"samples_{_slug(key)}.png")
+        g = image_grid(
+            thumbnails.get(key, {}), f"sample images, {key}{random_note}", out_dir / f"samples_{_slug(key)}.png"
+        )
         if g:
             written.append(g)
     return written

@@ -31,7 +31,7 @@ CSV_FIELDS = (
     "dtype", "backend", "kind", "status", "e2e_median_ms", "e2e_p90_ms", "stage_c_ms", "stage_b_ms", "stage_a_ms",
     "images_per_s", "peak_memory_bytes", "setup_ms", "first_run_extra_ms", "rel_l2_stage_c", "rel_l2_stage_b",
     "psnr_db", "random_weights", "reason",
-)  # fmt: skip
+)
 
 
 def _num(x: Any, digits: int = 3) -> str:
@@ -73,7 +73,7 @@ def _busy(env: dict[str, Any]) -> str | None:
     if cores and load > cores:
         return (f"The load average was {load:.1f} on {cores} cores when the run started: other processes shared "
                 "the CPU, so CPU timings are inflated and noisy (the min column is the least disturbed; with 2 or more "
-                "torch threads a preempted thread stalls the others, `--threads 1` degrades more gracefully).")  # fmt: skip
+                "torch threads a preempted thread stalls the others, `--threads 1` degrades more gracefully).")
     return None
 
 
@@ -85,7 +85,7 @@ def header_lines(results: dict[str, Any]) -> list[str]:
     env, wl = results.get("environment", {}), results.get("workload", {})
     peak = results.get("matmul_peak", {})
     versions = ", ".join(f"{k} {env[k]}" for k in ("torch", "onnxruntime", "onnx", "tensorrt", "triton", "diffusers")
-                         if env.get(k))  # fmt: skip
+                         if env.get(k))
     sha = env.get("git_sha", "?")[:10] + (" (uncommitted changes)" if env.get("git_dirty") else "")
     lines = [
         f"## cascade-rt benchmark: `{wl.get('name')}` on {env.get('device', '?')}"
@@ -162,14 +162,14 @@ def cold_line(row: dict[str, Any]) -> str | None:
     builds = cold.get("engine_builds") or []
     if builds:
         parts.append("built " + ", ".join(f"{b['stage']} {b['format']} ({b['precision']}) {_num(b['seconds'])} s"
-                                          for b in builds))  # fmt: skip
+                                          for b in builds))
     elif any(name in ENGINE_BACKENDS for name in row.get("per_stage", {}).values()):
         parts.append(f"engines reused from the cache (setup {_num(cold['setup_ms'] / 1e3)} s)")
     cache = cold.get("inductor_cache") or {}
     if cache:
         hits, misses = cache.get("fxgraph_cache_hit", 0), cache.get("fxgraph_cache_miss", 0)
         parts.append(f"first run {_num(cold['first_run_extra_ms'] / 1e3)} s over steady state, compiling "
-                     f"{hits + misses} graph(s): {hits} from Inductor's on-disk cache, {misses} compiled")  # fmt: skip
+                     f"{hits + misses} graph(s): {hits} from Inductor's on-disk cache, {misses} compiled")
     return f"* `{row['label']}`: " + "; ".join(parts) if parts else None
 
 
@@ -210,7 +210,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         "Columns: ms/step = the stage's median time / its steps (conditioning and sampler included); e2e = "
         "Stage C + B + A (text encoder not included); speed-up = eager e2e median / this e2e median; peak mem = "
         f"{memory_kind or 'peak memory'} during this row's timed runs (device/process-wide, so it includes whatever "
-        "else was resident), in parentheses its rise over what was in use when a run started; cold costs are apart from the steady-state numbers "
+        "else was resident), in parentheses its rise over what was in use when a run started; cold costs are apart "
+        "from the steady-state numbers "
         "(setup = export + engine build or cache load + module swaps; 1st-run extra = first run minus the median: "
         "lazy compilation, autotuning, CUDA-graph capture); rel err = ||x - x_eager|| / ||x_eager|| of the stage's "
         "output latent; PSNR of the final image against eager's (inf = identical); vs fp32 (when shown) = the same "
@@ -238,13 +239,14 @@ def csv_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "e2e_median_ms": row["e2e_ms"]["median"] if ok else None,
                 "e2e_p90_ms": row["e2e_ms"]["p90"] if ok else None,
                 **{f"{s}_ms": row["stage_ms"][s]["median"] if ok else None for s in ("stage_c", "stage_b", "stage_a")},
-                "images_per_s": row.get("images_per_s"), "peak_memory_bytes": row["peak_memory"]["bytes"] if ok else None,
+                "images_per_s": row.get("images_per_s"),
+                "peak_memory_bytes": row["peak_memory"]["bytes"] if ok else None,
                 "setup_ms": row["cold"]["setup_ms"] if ok else None,
                 "first_run_extra_ms": row["cold"]["first_run_extra_ms"] if ok else None,
                 "rel_l2_stage_c": acc.get("rel_l2_stage_c"), "rel_l2_stage_b": acc.get("rel_l2_stage_b"),
                 "psnr_db": acc.get("psnr_db"), "random_weights": results.get("random_weights"),
                 "reason": row.get("reason"),
-            })  # fmt: skip
+            })
     return out
 
 

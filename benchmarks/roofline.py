@@ -78,13 +78,15 @@ def _stage_cost(stage: str, preset: str, pooled_preset: str, height: int, width:
         cond = model.prepare_conditioning(
             torch.zeros(n, 77, dims["text"], **meta), torch.zeros(n, 1, dims["pooled"], **meta),
             torch.zeros(n, 1, dims["image"], **meta),
-        )  # fmt: skip
+        )
         x = torch.zeros(n, dims["c_in_c"], *latent_hw("c", height, width), **meta)
         fn = lambda: model.denoise(x, torch.full((n,), 0.5, **meta), **cond)  # noqa: E731
     elif stage == "b":
         hw = latent_hw("b", height, width)
         effnet = torch.zeros(n, model.effnet_mapper[0].in_channels, *latent_hw("c", height, width), **meta)
-        cond = model.prepare_conditioning(effnet, torch.zeros(n, 1, model.clip_mapper.in_features, **meta), latent_hw=hw)
+        cond = model.prepare_conditioning(
+            effnet, torch.zeros(n, 1, model.clip_mapper.in_features, **meta), latent_hw=hw
+        )
         x = torch.zeros(n, model.c_in, *hw, **meta)
         fn = lambda: model.denoise(x, torch.full((n,), 0.5, **meta), **cond)  # noqa: E731
     else:
@@ -96,7 +98,9 @@ def _stage_cost(stage: str, preset: str, pooled_preset: str, height: int, width:
     return {
         "preset": preset,
         "flops_per_sample": int(counter.get_total_flops()),
-        "flops_by_op_per_sample": {str(k).replace("aten.", ""): int(v) for k, v in counter.get_flop_counts()["Global"].items()},
+        "flops_by_op_per_sample": {
+            str(k).replace("aten.", ""): int(v) for k, v in counter.get_flop_counts()["Global"].items()
+        },
         "weight_bytes": model_bytes(model),
         "activation_bytes_per_sample": written.total,
         "params": sum(p.numel() for p in model.parameters()),

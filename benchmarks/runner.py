@@ -72,7 +72,7 @@ def _try(combo: Combo, case: Case, what: str, fn: Callable[[], Any]) -> tuple[An
         return None, _not_run(combo, "unavailable", str(exc))
     except Exception as exc:
         logger.warning("%s on %s failed while %s: %s: %s", combo.label, case.key, what, type(exc).__name__, exc,
-                       exc_info=logger.isEnabledFor(logging.DEBUG))  # fmt: skip
+                       exc_info=logger.isEnabledFor(logging.DEBUG))
         return None, _not_run(combo, "failed", f"{type(exc).__name__} while {what}: {exc}")
 
 
@@ -86,7 +86,7 @@ class BenchmarkRun:
 
 def run_case(case: Case, combos: list[Combo], *, device: torch.device, dtype: torch.dtype, ctx: Any, costs: dict,
              peak_tflops: float, ref32: Any, interleave: bool, deadline: float | None,
-             on_row: Callable[[list[dict]], None] = lambda rows: None) -> tuple[list[dict], dict[str, torch.Tensor]]:  # fmt: skip
+             on_row: Callable[[list[dict]], None] = lambda rows: None) -> tuple[list[dict], dict[str, torch.Tensor]]:
     """Rows (in `combos` order, eager first) and first-run thumbnails of one case. `on_row(rows so far)` after
     every finished row (the caller saves partial results)."""
     rows: dict[str, dict] = {}
@@ -166,7 +166,7 @@ def run_workload(
     interleave = device.type == "cpu" if interleave is None else interleave
     peak = roofline.matmul_tflops(device)
     run = BenchmarkRun({**header, "workload": workload.to_json(), "matmul_peak": peak, "cases": [],
-                        "timed_runs": "interleaved round robin" if interleave else "sequential"})  # fmt: skip
+                        "timed_runs": "interleaved round robin" if interleave else "sequential"})
     started = time.perf_counter()
     deadline = started + budget_s if budget_s is not None else None
     for case in workload.cases():
@@ -175,7 +175,7 @@ def run_workload(
         ctx = BuildContext(
             device=device, dtype=dtype, shapes=((case.batch, workload.height, workload.width),),
             engine_dir=Path(engine_dir), model_id=f"random-seed{workload.seed}-{case.preset_set}",
-        )  # fmt: skip
+        )
         ref32 = None
         if workload.fp32_reference and dtype != torch.float32:
             logger.info("case %s: eager fp32 reference", case.key)
@@ -192,6 +192,6 @@ def run_workload(
         _, run.thumbnails[case.key] = run_case(
             case, combos, device=device, dtype=dtype, ctx=ctx, costs=entry["roofline"], peak_tflops=peak["tflops"],
             ref32=ref32, interleave=interleave, deadline=deadline, on_row=on_row,
-        )  # fmt: skip
+        )
     run.results["wall_s"] = time.perf_counter() - started
     return run

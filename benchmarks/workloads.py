@@ -134,7 +134,7 @@ WORKLOADS: dict[str, Workload] = {
             preset_sets=("chart",), batches=(4,), stage_b_cfgs=(1.1,), **_STANDARD,
         ),
     ]
-}  # fmt: skip
+}
 
 
 def get_workload(name: str) -> Workload:

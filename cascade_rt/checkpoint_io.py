@@ -29,7 +29,7 @@ ST_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}  # fmt: skip
+}
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 MAX_HEADER = 100 << 20  # the safetensors library's own limit
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
@@ -278,7 +278,8 @@ def weights_hash(obj: str | Path | Mapping[str, torch.Tensor] | Iterable[str | P
             h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
             flat = t.reshape(-1)
             if not full and flat.numel() > 256:
-                flat = flat[torch.linspace(0, flat.numel() - 1, 256, dtype=torch.float64).long()]  # fp32 overshoots past 2**24
+                # float64 positions: fp32 overshoots past 2**24
+                flat = flat[torch.linspace(0, flat.numel() - 1, 256, dtype=torch.float64).long()]
             h.update(flat.cpu().contiguous().view(torch.uint8).numpy().tobytes())
         return "sha256:" + h.hexdigest()
     if isinstance(obj, (str, os.PathLike)) and Path(obj).is_dir():

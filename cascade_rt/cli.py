@@ -31,7 +31,9 @@ COMMAND_MODULES = [
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cascade-rt",
-        description="Fast, faithful Stable Cascade (Wuerstchen v3) inference: eager reference, engines, kernels, benchmarks.",
+        description=(
+            "Fast, faithful Stable Cascade (Wuerstchen v3) inference: eager reference, engines, kernels, benchmarks."
+        ),
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -27,7 +27,7 @@ from cascade_rt.diffusers_format import (
     variants_in,
     weight_files,
     write_component,
-)  # fmt: skip
+)
 from cascade_rt.errors import WeightsError
 from cascade_rt.models.presets import get_preset
 from cascade_rt.weights import (
@@ -42,7 +42,7 @@ from cascade_rt.weights import (
     resolve_preset,
     search_roots,
     source_shapes,
-)  # fmt: skip
+)
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +134,8 @@ def convert_to_official(src: str | Path, dst: str | Path, *, overwrite: bool = F
     else:
         roots = search_roots(src) if src.is_dir() else []
         folders = [
-            r / n for r in roots for names in DIFFUSERS_FOLDERS.values() for n in names if (r / n / "config.json").is_file()
+            r / n for r in roots for names in DIFFUSERS_FOLDERS.values() for n in names
+            if (r / n / "config.json").is_file()
         ]
     if not folders:
         raise WeightsError(

@@ -149,7 +149,7 @@ def kwargs_to_config(stage: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
     if stage == "a":
         cfg = dict(in_channels=3, out_channels=3, up_down_scale_factor=2, levels=k["levels"],
                    bottleneck_blocks=k["bottleneck_blocks"], embed_dim=k["c_hidden"], latent_channels=k["c_latent"],
-                   num_vq_embeddings=k["codebook_size"], scale_factor=k["scale_factor"])  # fmt: skip
+                   num_vq_embeddings=k["codebook_size"], scale_factor=k["scale_factor"])
     else:
         if any(c not in BLOCK_TYPES for lc in k["level_config"] for c in lc):
             raise WeightsError(
@@ -169,7 +169,7 @@ def kwargs_to_config(stage: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
             pixel_mapper_in_channels=k["c_pixels"] if stage == "b" else None,
             kernel_size=k["kernel_size"], dropout=k["dropout"], self_attn=k["self_attn"],
             timestep_conditioning_type=k["t_conds"], switch_level=k["switch_level"] if stage == "c" else None,
-        )  # fmt: skip
+        )
     return {"_class_name": CLASS_NAMES[stage], "_diffusers_version": "0.27.0", **cfg}
 
 
@@ -182,7 +182,7 @@ def config_to_kwargs(config: Mapping[str, Any], where: str = "config.json") -> t
                 raise WeightsError(f"{where}: only RGB PaellaVQModels with up_down_scale_factor 2 are supported")
             return "a", dict(levels=c["levels"], bottleneck_blocks=c["bottleneck_blocks"], c_hidden=c["embed_dim"],
                              c_latent=c["latent_channels"], codebook_size=c["num_vq_embeddings"],
-                             scale_factor=c["scale_factor"])  # fmt: skip
+                             scale_factor=c["scale_factor"])
         stage = "b" if c.get("effnet_in_channels") is not None else "c"
         self_attn = c.get("self_attn", True)
         if isinstance(self_attn, list):
@@ -200,13 +200,13 @@ def config_to_kwargs(config: Mapping[str, Any], where: str = "config.json") -> t
             level_config=["".join(LETTERS[t] for t in types) for types in c["block_types_per_layer"]],
             c_clip_seq=c.get("clip_seq", 4), kernel_size=c.get("kernel_size", 3), dropout=list(c["dropout"]),
             self_attn=self_attn, t_conds=list(c["timestep_conditioning_type"]),
-        )  # fmt: skip
+        )
         if stage == "c":
             kw.update(c_clip_text=c["clip_text_in_channels"], c_clip_text_pooled=c["clip_text_pooled_in_channels"],
-                      c_clip_img=c["clip_image_in_channels"], switch_level=c.get("switch_level"))  # fmt: skip
+                      c_clip_img=c["clip_image_in_channels"], switch_level=c.get("switch_level"))
         else:
             kw.update(c_clip=c["clip_text_pooled_in_channels"], c_effnet=c["effnet_in_channels"],
-                      c_pixels=c["pixel_mapper_in_channels"])  # fmt: skip
+                      c_pixels=c["pixel_mapper_in_channels"])
         return stage, kw
     except (KeyError, TypeError, ValueError) as exc:
         raise WeightsError(

@@ -88,7 +88,8 @@ def noise_cond(log_snr_: Tensor) -> Tensor:
 
 
 def diffuse(x0: Tensor, t: float | Tensor, noise: Tensor, shift: float = 1.0) -> Tensor:
-    """Noise a clean latent to level t (docs/reference.md §4.5, image-to-image uses shift 1): a(t)*x0 + b(t)*noise, fp32."""
+    """Noise a clean latent to level t (docs/reference.md §4.5, image-to-image uses shift 1):
+    a(t)*x0 + b(t)*noise, fp32."""
     t = torch.as_tensor(t, dtype=torch.float32).reshape(-1)
     a, b = vp_scaler(log_snr(t, shift).to(x0.device))
     view = (-1,) + (1,) * (x0.dim() - 1)
@@ -194,7 +195,7 @@ def build_plan(
     plan = StagePlan(
         mode=mode, steps=steps, stochastic=stochastic, output=output, t=t, log_snr=lsnr, r=r,
         a=a, b=b, a_next=a_next, c_eps=c_eps, sigma=noise_mult,
-    )  # fmt: skip
+    )
     return plan.to(device) if device is not None else plan
 
 
@@ -202,7 +203,8 @@ def build_plan(
 
 
 def cfg_combine(
-    pred_c: Tensor, pred_u: Tensor, cfg: float | Tensor, rho: float | Tensor = 0.7, one_minus_rho: float | Tensor | None = None
+    pred_c: Tensor, pred_u: Tensor, cfg: float | Tensor, rho: float | Tensor = 0.7,
+    one_minus_rho: float | Tensor | None = None,
 ) -> Tensor:
     """Official CFG: lerp(uncond, cond, cfg), then rescale towards the std of the conditional prediction.
 

@@ -33,7 +33,7 @@ STAGE_ALIASES = {
     "c": "c", "stage_c": "c", "prior": "c",
     "b": "b", "stage_b": "b", "decoder": "b",
     "a": "a", "stage_a": "a", "vqgan": "a",
-}  # fmt: skip
+}
 
 # ------------------------------------------------------------------------------------------ presets
 # pipeline size -> the model preset of each component (names of cascade_rt.models.presets / text encoder presets)
@@ -44,7 +44,7 @@ MODEL_SETS = {
              "previewer": "previewer"},
     "full": {"text": "text", "c": "stage_c", "b": "stage_b", "a": "stage_a", "effnet": "effnet",
              "previewer": "previewer"},
-}  # fmt: skip
+}
 TEXT_PRESETS = ("text", "text_tiny")
 
 # Random-weight models: component k of a pipeline built with seed s uses seed s + RANDOM_SEED_OFFSETS[k], so

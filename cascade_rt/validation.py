@@ -30,7 +30,7 @@ CLI_FLAGS = {
     "images_per_prompt": "--batch", "steps_c": "--steps-c", "steps_b": "--steps-b", "cfg_c": "--cfg-c",
     "cfg_b": "--cfg-b", "shift_c": "--shift-c", "shift_b": "--shift-b", "seed": "--seed", "strength": "--strength",
     "device": "--device", "height": "--height", "width": "--width", "image": "--image",
-}  # fmt: skip
+}
 SEED_MIN, SEED_MAX = 0, 2**64 - 1  # torch.Generator.manual_seed takes a 64-bit value
 
 
@@ -50,7 +50,7 @@ def check_steps(value: Any, param: str, names: Mapping[str, str] | None = None) 
 def check_number(
     value: Any, param: str, names: Mapping[str, str] | None = None, *, optional: bool = False,
     positive: bool = False, what: str = "",
-) -> None:  # fmt: skip
+) -> None:
     """A finite real number (None allowed when `optional`; > 0 when `positive`)."""
     if value is None and optional:
         return
@@ -86,7 +86,7 @@ def check_generation(
     *, height: Any = 1024, width: Any = 1024, images_per_prompt: Any = 1, steps_c: Any = 20, steps_b: Any = 10,
     cfg_c: Any = None, cfg_b: Any = None, shift_c: Any = 1.0, shift_b: Any = 1.0, seed: Any = None,
     strength: Any = None, image_given: bool = False, names: Mapping[str, str] | None = None,
-) -> None:  # fmt: skip
+) -> None:
     """Every text-to-image / image-to-image setting, before any work (nothing here builds or runs a model)."""
     check_size(height, width, names)
     if not _is_int(images_per_prompt) or images_per_prompt < 1:
@@ -112,7 +112,7 @@ def check_generation(
 def check_reconstruction(
     *, steps_b: Any = 10, cfg_b: Any = None, shift_b: Any = 1.0, seed: Any = None,
     names: Mapping[str, str] | None = None,
-) -> None:  # fmt: skip
+) -> None:
     check_steps(steps_b, "steps_b", names)
     check_number(cfg_b, "cfg_b", names, optional=True, what="the classifier-free guidance scale")
     check_number(shift_b, "shift_b", names, positive=True, what="the noise schedule shift")

@@ -45,7 +45,7 @@ __all__ = [
     "Identity", "identify", "check_compatible", "load_stage", "load_weights_into", "open_checkpoint",
     "find_weights", "find_text_encoder", "load_pipeline_models", "to_diffusers", "from_diffusers", "weights_hash",
     "read_header",
-]  # fmt: skip
+]
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def check_compatible(expected: Mapping[str, tuple], found: Mapping[str, tuple], 
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     bad = [f"{k} (expected {tuple(expected[k])}, found {tuple(found[k])})" for k in expected
-           if k in found and tuple(expected[k]) != tuple(found[k])]  # fmt: skip
+           if k in found and tuple(expected[k]) != tuple(found[k])]
     if missing or unexpected or bad:
         parts = [f"{len(missing)} missing keys: {_listing(missing)}"] if missing else []
         parts += [f"{len(unexpected)} unexpected keys: {_listing(unexpected)}"] if unexpected else []
@@ -240,7 +240,9 @@ def load_stage(
                 f"load_pipeline_models"
             )
         stage, kwargs, source = open_component(path, dtype)
-        preset = get_preset(stage_or_preset) if stage_or_preset in PRESETS and stage_or_preset not in COMPONENTS else None
+        preset = (
+            get_preset(stage_or_preset) if stage_or_preset in PRESETS and stage_or_preset not in COMPONENTS else None
+        )
         if (preset.stage if preset else stage_or_preset) != stage:
             want = TITLES.get(preset.stage if preset else stage_or_preset, stage_or_preset)
             raise WeightsError(f"{path}/config.json describes {TITLES[stage]}, not {want}: pass the folder of {want}")
@@ -359,10 +361,10 @@ def _missing_message(root: Path, stage: str, lite: bool, dtype: torch.dtype | No
     if layout in ("auto", "diffusers") and stage in DIFFUSERS_FOLDERS:
         looked.append(f"{' or '.join(n + '/' for n in DIFFUSERS_FOLDERS[stage])} with config.json (diffusers layout)")
     broken = [f"{p} {problem}" for r in roots for n in official_names(stage, lite, dtype)
-              if (p := r / n).is_symlink() and (problem := path_problem(p))]  # fmt: skip
+              if (p := r / n).is_symlink() and (problem := path_problem(p))]
     if broken:  # the file is there by name, as a link that leads nowhere: say so, not just "not found"
         return (f"{TITLES[stage]}{variant}: {'; '.join(broken)}. Point the link at the checkpoint file, or replace "
-                "it with the file")  # fmt: skip
+                "it with the file")
     msg = f"{TITLES[stage]}{variant} not found: looked for {' and '.join(looked)} in {', '.join(map(str, roots))}"
     other = _find_one(roots, stage, not lite, dtype, layout) if stage in DETECTORS else None
     if other:

@@ -164,7 +164,7 @@ def export_onnx(
     logger.info(
         "exporting %s (%s, %s, %s shapes, %.2f GB of weights) to %s",
         spec.stage, spec.preset, precision, "dynamic" if dynamic else "static", weight_bytes / 1e9, path,
-    )  # fmt: skip
+    )
     start = time.perf_counter()
     quiet = quiet_loggers("onnx_ir", "onnxscript")
     with warnings.catch_warnings(), quiet, heartbeat(f"exporting {path.name}"), torch.no_grad():

@@ -45,7 +45,7 @@ def open_engine_files(
         engine: Engine = OrtEngine(
             path, spec, manifest.precision, manifest=manifest, device=device or "cpu",
             intra_op_threads=options.get("intra_op_threads"), opt_level=options.get("opt_level", "all"),
-        )  # fmt: skip
+        )
     elif manifest.format == "aoti":
         engine = AotiEngine(path, spec, manifest.precision, manifest=manifest, device=device)
     elif manifest.format == "tensorrt":

@@ -108,7 +108,7 @@ def _torch_dtype(trt, dtype) -> torch.dtype:
     table = {
         trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.BF16: torch.bfloat16,
         trt.DataType.INT32: torch.int32, trt.DataType.INT64: torch.int64, trt.DataType.BOOL: torch.bool,
-    }  # fmt: skip
+    }
     return table[dtype]
 
 

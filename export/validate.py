@@ -25,9 +25,10 @@ TOLERANCES: dict[str, dict[str, float]] = {
     "fp16": {"rel_l2": 1e-2, "max_abs_rel": 5e-2},
     "bf16": {"rel_l2": 5e-2, "max_abs_rel": 2e-1},
 }
-# The denoisers embed r as sin/cos(10^4 * r * f) (docs/reference.md §1.2) in fp32: near r = 1 the phase carries an error of
-# ~ulp(10^4) = 1e-3 in ANY fp32 implementation, so two correct ones (torch, ONNX Runtime) differ by up to ~1e-4
-# (measured on stage_c_tiny: 3e-7 at r = 0, 9e-5 at r = 0.99). Their fp32 bound is set by that, not by the engine.
+# The denoisers embed r as sin/cos(10^4 * r * f) (docs/reference.md §1.2) in fp32: near r = 1 the phase carries
+# an error of ~ulp(10^4) = 1e-3 in ANY fp32 implementation, so two correct ones (torch, ONNX Runtime) differ by up
+# to ~1e-4 (measured on stage_c_tiny: 3e-7 at r = 0, 9e-5 at r = 0.99). Their fp32 bound is set by that, not by the
+# engine.
 DENOISER_FP32 = {"rel_l2": 5e-4, "max_abs_rel": 2e-3}
 
 
@@ -75,7 +76,7 @@ def validate(
     report: dict[str, Any] = {
         "status": "passed", "seed": seed, "shapes": {k: list(v.shape) for k, v in inputs.items()},
         "tolerance": tol, "outputs": {}, "errors": [], "engine_seconds": round(engine_s, 4),
-    }  # fmt: skip
+    }
     for name in spec.output_names:
         if name not in got:
             report["errors"].append(f"{name}: missing from the engine's outputs")
@@ -92,7 +93,7 @@ def validate(
     logger.info(
         "validation %s: %s", report["status"],
         ", ".join(f"{n} rel_l2={e['rel_l2']:.2e} max_abs={e['max_abs']:.2e}" for n, e in report["outputs"].items()),
-    )  # fmt: skip
+    )
     return report
 
 

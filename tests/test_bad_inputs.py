@@ -122,7 +122,7 @@ def guarded(pipe) -> StableCascadePipeline:
     return StableCascadePipeline(
         text_encoder=Refuses(pipe.text_encoder), stage_c=Refuses(pipe.stage_c), stage_b=Refuses(pipe.stage_b),
         stage_a=pipe.stage_a, effnet=pipe.effnet, previewer=pipe.previewer, image_encoder=pipe.image_encoder,
-    )  # fmt: skip
+    )
 
 
 @dataclass
@@ -220,7 +220,7 @@ def nan_text_encoder(ctx: Ctx) -> None:
     broken = StableCascadePipeline(
         text_encoder=NaNText(p.text_encoder), stage_c=Refuses(p.stage_c), stage_b=p.stage_b, stage_a=p.stage_a,
         effnet=p.effnet, previewer=p.previewer, image_encoder=p.image_encoder,
-    )  # fmt: skip
+    )
     broken("a cat", height=256, width=256, steps_c=1, steps_b=1, seed=0)
 
 
@@ -420,7 +420,7 @@ def test_good_inputs_still_pass(files, tmp_path, capsys):
     """The checks refuse only what is wrong: a writable -o in a new folder, an image input, a batch that fits."""
     out = tmp_path / "new" / "img.png"
     argv = ["generate", "a cat", *CPU, *FAST, "-o", str(out), "--image", str(files["good"]), "--strength", "1.0",
-            "--batch", "2", "--seed", str(2**64 - 1)]  # fmt: skip
+            "--batch", "2", "--seed", str(2**64 - 1)]
     assert main(argv) == 0, capsys.readouterr().err
     assert sorted(p.name for p in out.parent.iterdir()) == ["img_0.png", "img_1.png"]
 

@@ -150,22 +150,29 @@ def _fake_results() -> dict:
         "cold": {"setup_ms": 1500.0, "first_run_ms": 900.0, "first_run_extra_ms": 400.0},
         "e2e_ms": {"median": 500.0, "p90": 520.0, "min": 490.0}, "images_per_s": 2.0,
         "stage_ms": {s: {"median": m} for s, m in (("stage_c", 200.0), ("stage_b", 250.0), ("stage_a", 50.0))},
-        "ms_per_step": {"stage_c": 10.0, "stage_b": 25.0}, "peak_memory": {"bytes": 3 * 2**30, "kind": "cuda_max_allocated"},
+        "ms_per_step": {"stage_c": 10.0, "stage_b": 25.0},
+        "peak_memory": {"bytes": 3 * 2**30, "kind": "cuda_max_allocated"},
         "accuracy": {"rel_l2_stage_c": 1e-3, "rel_l2_stage_b": 2e-3, "psnr_db": 45.25},
         "speedup_vs_eager": {"e2e": 1.8}, "roofline": {"stage_c": {"tflops": 1.5, "pct_of_matmul": 30.0}},
-    }  # fmt: skip
-    ref = {**ok, "label": "eager", "kind": "reference", "accuracy": {"psnr_db": "inf"}, "speedup_vs_eager": {"e2e": 1.0}}
-    missing = {"label": "tensorrt", "kind": "backend", "status": "unavailable", "reason": "TensorRT needs an NVIDIA GPU"}
+    }
+    ref = {
+        **ok, "label": "eager", "kind": "reference", "accuracy": {"psnr_db": "inf"}, "speedup_vs_eager": {"e2e": 1.0}
+    }
+    missing = {
+        "label": "tensorrt", "kind": "backend", "status": "unavailable", "reason": "TensorRT needs an NVIDIA GPU"
+    }
     case = {"key": "tiny-bs1-bcfg1.1", "preset_set": "tiny", "batch": 1, "height": 512, "width": 512,
             "presets": {"c": "stage_c_tiny", "b": "stage_b_tiny", "a": "stage_a_tiny"},
-            "stage_c": {"steps": 20, "cfg": 4.0, "shift": 2.0}, "stage_b": {"steps": 10, "cfg": 1.1, "shift": 1.0}}  # fmt: skip
+            "stage_c": {"steps": 20, "cfg": 4.0, "shift": 2.0}, "stage_b": {"steps": 10, "cfg": 1.1, "shift": 1.0}}
     return {
         "random_weights": True, "created": "2026-01-01T00:00:00+00:00", "command": "cascade-rt bench",
-        "environment": {"device": "CPU", "torch": "2.x", "git_sha": "abc123", "load_avg": "5.0 4.0 3.0", "cpu_count": 2},
+        "environment": {
+            "device": "CPU", "torch": "2.x", "git_sha": "abc123", "load_avg": "5.0 4.0 3.0", "cpu_count": 2
+        },
         "workload": {"name": "tiny", "dtype": "float32", "seed": 42, "runs": 5, "warmup": 1},
         "matmul_peak": {"tflops": 5.0, "dtype": "float32", "size": 1024, "threads": 2},
         "cases": [{"case": case, "results": [ref, ok, missing]}],
-    }  # fmt: skip
+    }
 
 
 def test_report_renders_table_reasons_and_random_weights_note():
@@ -183,7 +190,7 @@ def test_report_latest_gpu_run(tmp_path):
     from cascade_rt.benchmarks.report import latest, main
 
     for name, device, created in (("a", "NVIDIA H100 80GB HBM3", "2026-01-01"), ("b", "NVIDIA H200", "2026-02-01"),
-                                  ("c", "CPU", "2026-03-01")):  # fmt: skip
+                                  ("c", "CPU", "2026-03-01")):
         (tmp_path / name).mkdir()
         data = {**_fake_results(), "created": created, "environment": {"device": device, "git_sha": "x"}}
         (tmp_path / name / "results.json").write_text(json.dumps(data))
@@ -203,7 +210,7 @@ def test_bench_tiny_end_to_end_eager_and_onnxruntime(tmp_path, capsys):
 
     out, engines = tmp_path / "out", tmp_path / "engines"
     argv = ["bench", "--workload", "tiny-quick", "--backends", "eager,eager+static,onnxruntime,tensorrt",
-            "--peers", "diffusers", "--runs", "2", "--warmup", "1", "--out", str(out), "--engines-dir", str(engines)]  # fmt: skip
+            "--peers", "diffusers", "--runs", "2", "--warmup", "1", "--out", str(out), "--engines-dir", str(engines)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "Random weights" in printed and "| onnxruntime |" in printed

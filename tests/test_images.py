@@ -92,7 +92,7 @@ def test_cmyk_is_converted_with_k():
     image = Image.new("CMYK", (4, 1))
     image.putdata(cmyk)
     expected = torch.tensor([[(255 - c) * (255 - k) / 255, (255 - m) * (255 - k) / 255, (255 - y) * (255 - k) / 255]
-                             for c, m, y, k in cmyk]) / 255  # fmt: skip
+                             for c, m, y, k in cmyk]) / 255
     torch.testing.assert_close(rgb(image)[0], expected, atol=0.5 / 255, rtol=0)  # PIL rounds to 8 bits
 
 

@@ -63,7 +63,7 @@ def stage_b():
 def c_inputs(gen, batch=2, hw=(6, 5)):
     return (torch.randn(batch, 16, *hw, generator=gen), torch.rand(batch, generator=gen),
             torch.randn(batch, 7, 32, generator=gen), torch.randn(batch, 1, 32, generator=gen),
-            torch.randn(batch, 1, 24, generator=gen))  # fmt: skip
+            torch.randn(batch, 1, 24, generator=gen))
 
 
 @pytest.mark.parametrize("hw", [(6, 5), (7, 9), (1, 3)])
@@ -105,7 +105,7 @@ def test_stage_a_equals_paella(gen):
     ref = paella_mod.PaellaVQModel(
         levels=kw["levels"], bottleneck_blocks=kw["bottleneck_blocks"], embed_dim=kw["c_hidden"],
         latent_channels=kw["c_latent"], num_vq_embeddings=kw["codebook_size"],
-    ).eval()  # fmt: skip
+    ).eval()
     # strict: the MixingResidualBlock keys equal ours, only the codebook is renamed
     ref.load_state_dict(to_diffusers(model.state_dict(), "a"), strict=True)
     latent = torch.randn(2, 4, 8, 6, generator=gen)
@@ -163,7 +163,7 @@ def test_bf16_forward_close_to_fp32(name, gen):
                                  torch.randn(2, 16, 6, 6, generator=gen), torch.randn(2, 1, 32, generator=gen)),
         "stage_a_tiny": lambda: (torch.randn(2, 4, 8, 8, generator=gen),),
         "previewer_tiny": lambda: (torch.randn(2, 16, 6, 6, generator=gen),),
-    }[name]()  # fmt: skip
+    }[name]()
     run = (lambda m: m.decode(*inputs)) if name == "stage_a_tiny" else (lambda m: m(*inputs))
     fp32 = run(build_model(name, seed=5))
     bf16 = run(build_model(name, seed=5, dtype=torch.bfloat16))

@@ -31,7 +31,7 @@ def test_offline_editable_install_maps_package_dirs(tmp_path):
     venv.create(env_dir, with_pip=False)  # pip and setuptools (>= 77, see pyproject) come from this environment
     python = env_dir / "bin" / "python"
     own = subprocess.run([python, "-c", "import site; print(site.getsitepackages()[0])"], capture_output=True,
-                         text=True, check=True).stdout.strip()  # fmt: skip
+                         text=True, check=True).stdout.strip()
     # this environment's packages (setuptools, torch, ...) stand in for what the offline machine has installed
     Path(own, "_parent_env.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     install = subprocess.run(

@@ -56,7 +56,7 @@ class Spy:
 def test_generate_shapes_seed_and_progress(pipe):
     events = []
     out = pipe(["a cat", "a dog"], height=256, width=384, seed=1, preview=True,
-               progress=lambda *e: events.append(e), **FAST)  # fmt: skip
+               progress=lambda *e: events.append(e), **FAST)
     assert out.pixels.shape == (2, 3, 256, 384) and out.pixels.dtype == torch.float32
     assert 0.0 <= out.pixels.min().item() and out.pixels.max().item() <= 1.0
     assert out.stage_c_latent.shape == (2, 16, 6, 9) and out.stage_b_latent.shape == (2, 4, 64, 96)
@@ -72,7 +72,7 @@ def test_generate_shapes_seed_and_progress(pipe):
 def test_images_per_prompt_and_conditioning_batches(pipe):
     spy_c, spy_b = Spy(pipe.stage_c), Spy(pipe.stage_b)
     out = variant(pipe, stage_c=spy_c, stage_b=spy_b)("a cat", "blurry", height=256, width=256,
-                                                      images_per_prompt=2, seed=0, **FAST)  # fmt: skip
+                                                      images_per_prompt=2, seed=0, **FAST)
     assert len(out.images) == 2 and not torch.equal(out.stage_c_latent[0], out.stage_c_latent[1])
     (text, pooled, img), _ = spy_c.prepared[0]
     (u_text, u_pooled, u_img), _ = spy_c.prepared[1]
@@ -169,7 +169,7 @@ def test_image_to_image(pipe):
     effnet = lambda x: effnet_out.append(pipe.effnet(x)) or effnet_out[-1]  # noqa: E731
     image = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(0))
     out = variant(pipe, stage_c=spy_c, effnet=effnet)("a cat", height=256, width=256, image=image, strength=0.5,
-                                                      seed=4, steps_c=6, steps_b=2)  # fmt: skip
+                                                      seed=4, steps_c=6, steps_b=2)
     assert len(spy_c.steps) == 3 and out.stage_c_latent.shape == (1, 16, 6, 6)
     # start = the EffNet latent (image resized to 6*32) noised to t=0.5 (shift 1) with the seed's first noise
     assert len(effnet_out) == 1 and effnet_out[0].shape == (1, 16, 6, 6)
@@ -210,7 +210,7 @@ def test_cli_generate_writes_png_with_metadata(tmp_path, capsys):
     out = tmp_path / "img.png"
     argv = ["generate", "a red cube", "-o", str(out), "--random-weights", "--preset", "tiny", "--height", "256",
             "--width", "256", "--steps-c", "2", "--steps-b", "2", "--dtype", "fp32", "--seed", "7",
-            "--device", "cpu"]  # fmt: skip
+            "--device", "cpu"]
     assert main(argv) == 0
     captured = capsys.readouterr()
     assert "RANDOM WEIGHTS" in captured.err and "RANDOM WEIGHTS" in captured.out and "stage C" in captured.out

@@ -1,4 +1,5 @@
-"""GDF sampling: schedule values (docs/reference.md §3.8), CFG rescale, DDPM/DDIM steps, the loop, diffusers parity, no host sync."""
+"""GDF sampling: schedule values (docs/reference.md §3.8), CFG rescale, DDPM/DDIM steps, the loop, diffusers parity,
+no host sync."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ STAGE_C_TABLE = [
     (19, 0.05, 3.43491, 0.106265, 0.984265, 0.176698),
 ]
 STAGE_B_LOGSNR = [-9.21024, -3.70150, -2.26521, -1.36690, -0.65969, -0.02463,
-                  0.60797, 1.30640, 2.18293, 3.55056, 9.21007]  # fmt: skip
+                  0.60797, 1.30640, 2.18293, 3.55056, 9.21007]
 
 
 def test_limits():
@@ -138,8 +139,8 @@ def _reference_loop(x, scale_c, scale_u, noises, *, steps, shift, cfg, rho, eta)
         var = min(max(var, 1e-4), 0.9999)
         return min(max(math.log(var / (1 - var)) - 2 * math.log(shift), lo), hi)
 
-    def ab(l):
-        return math.sqrt(1 / (1 + math.exp(-l))), math.sqrt(1 / (1 + math.exp(l)))
+    def ab(logsnr):
+        return math.sqrt(1 / (1 + math.exp(-logsnr))), math.sqrt(1 / (1 + math.exp(logsnr)))
 
     x = x.double()
     x0 = None
@@ -162,12 +163,12 @@ def test_loop_returns_last_x0_against_independent_loop():
     noise_gen = torch.Generator().manual_seed(7)
     noises = [torch.randn(x_init.shape, generator=noise_gen) for _ in range(steps)]
     x0_ref, x_ref = _reference_loop(x_init, cond["scale"], uncond["scale"], noises,
-                                    steps=steps, shift=shift, cfg=cfg, rho=rho, eta=1.0)  # fmt: skip
+                                    steps=steps, shift=shift, cfg=cfg, rho=rho, eta=1.0)
     seen = []
     out = sample_stage(
         _toy_model, x_init, cond, uncond, steps=steps, cfg=cfg, shift=shift, cfg_rho=rho,
         generator=torch.Generator().manual_seed(7), callback=lambda i, x0, x: seen.append((i, x0, x)),
-    )  # fmt: skip
+    )
     assert [i for i, _, _ in seen] == list(range(steps))
     scale = x0_ref.abs().max().item()
     assert (out.double() - x0_ref).abs().max().item() < 1e-5 * scale
@@ -205,7 +206,7 @@ def test_no_cfg_single_pass_batch_b():
 
 
 def test_diffusers_mode_matches_diffusers_scheduler():
-    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers")
     from diffusers.schedulers.scheduling_ddpm_wuerstchen import DDPMWuerstchenScheduler
 
     steps, cfg = 10, 4.0
@@ -228,11 +229,11 @@ def test_diffusers_mode_matches_diffusers_scheduler():
         lambda x, r, scale: (seen_r.append(r[0].item()), _toy_model(x, r, scale))[1],
         x_init, cond, uncond, steps=steps, cfg=cfg, shift=2.0, generator=torch.Generator().manual_seed(11),
         mode="diffusers",
-    )  # fmt: skip
+    )
     assert seen_r == pytest.approx(rs, abs=1e-7)
     torch.testing.assert_close(out, latents, rtol=1e-5, atol=1e-5)
     official = sample_stage(_toy_model, x_init, cond, uncond, steps=steps, cfg=cfg, shift=2.0,
-                            generator=torch.Generator().manual_seed(11))  # fmt: skip
+                            generator=torch.Generator().manual_seed(11))
     assert (official - out).abs().max().item() > 1e-2
 
 
@@ -249,7 +250,7 @@ def test_loop_has_no_host_sync(mode):
     cond = {"scale": torch.empty(2, device=meta), "kv": [torch.empty(2, 5, device=meta)]}
     uncond = {"scale": torch.empty(2, device=meta), "kv": [torch.empty(2, 5, device=meta)]}
     out = sample_stage(model, x_init, cond, uncond, steps=4, cfg=4.0, shift=2.0,
-                       generator=torch.Generator().manual_seed(0), mode=mode)  # fmt: skip
+                       generator=torch.Generator().manual_seed(0), mode=mode)
     assert out.device.type == "meta" and out.shape == x_init.shape
     with pytest.raises(Exception):
         out.sum().item()  # proves that a sync inside the loop would have raised
@@ -262,9 +263,9 @@ def test_img2img_plan_and_diffuse():
     x0 = torch.randn(2, 16, 3, 3, generator=torch.Generator().manual_seed(0))
     noise = torch.randn(2, 16, 3, 3, generator=torch.Generator().manual_seed(1))
     noised = diffuse(x0, 0.8, noise)
-    l = log_snr(torch.tensor([0.8]))
-    a, b = vp_scaler(l)
-    assert noise_cond(l).item() == pytest.approx(0.8, abs=1e-5)  # shift 1: r == t
+    logsnr = log_snr(torch.tensor([0.8]))
+    a, b = vp_scaler(logsnr)
+    assert noise_cond(logsnr).item() == pytest.approx(0.8, abs=1e-5)  # shift 1: r == t
     torch.testing.assert_close(noised, a * x0 + b * noise)
     assert a.item() ** 2 + b.item() ** 2 == pytest.approx(1.0, abs=1e-6)
     per_sample = diffuse(x0, torch.tensor([0.0, 1.0]), noise)
@@ -307,5 +308,5 @@ def test_loop_has_no_cuda_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     ref = run_plan(_toy_model, x.cpu(), plan.to("cpu"), {"scale": cond["scale"].cpu()},
-                   {"scale": uncond["scale"].cpu()}, cfg=4.0, generator=torch.Generator(device).manual_seed(0))  # fmt: skip
+                   {"scale": uncond["scale"].cpu()}, cfg=4.0, generator=torch.Generator(device).manual_seed(0))
     torch.testing.assert_close(out, ref.to(device), rtol=1e-4, atol=1e-4)

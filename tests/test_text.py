@@ -37,7 +37,7 @@ def hf_text(tmp_path_factory):
         hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, projection_dim=24,
         hidden_act="gelu", vocab_size=49408, max_position_embeddings=77, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
         pad_token_id=EOS_ID, attn_implementation="eager",
-    )  # fmt: skip
+    )
     torch.manual_seed(0)
     model = transformers.CLIPTextModelWithProjection(cfg).eval()
     _perturb(model, 1)
@@ -51,7 +51,7 @@ def hf_vision(tmp_path_factory):
     cfg = transformers.CLIPVisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, projection_dim=24,
         image_size=224, patch_size=32, attn_implementation="eager",
-    )  # fmt: skip  (hidden_act defaults to quick_gelu, as in openai ViT-L/14)
+    )  # hidden_act defaults to quick_gelu, as in openai ViT-L/14
     torch.manual_seed(0)
     model = transformers.CLIPVisionModelWithProjection(cfg).eval()
     _perturb(model, 2)
@@ -164,7 +164,7 @@ def test_open_clip_layout_round_trip(tmp_path, hf_text, hf_vision):
         "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
         "vision_cfg": {"image_size": 224, "layers": 2, "width": 32, "head_width": 16, "mlp_ratio": 2.0,
                        "patch_size": 32},
-    }  # fmt: skip
+    }
     (tmp_path / "open_clip_config.json").write_text(__import__("json").dumps({"model_cfg": model_cfg}))
     text2 = TextEncoder.from_pretrained(tmp_path, dtype=torch.float32)
     for a, b in zip(text2.encode(PROMPTS), text.encode(PROMPTS)):

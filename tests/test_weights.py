@@ -28,11 +28,11 @@ from cascade_rt.weights import (
     load_stage,
     to_diffusers,
     weights_hash,
-)  # fmt: skip
+)
 
 BF16, FP32 = torch.bfloat16, torch.float32
 TINY = {"stage_c_tiny": ("c", "stage_c", 11), "stage_b_tiny": ("b", "stage_b", 12),
-        "stage_a_tiny": ("a", "stage_a", 13), "previewer_tiny": ("previewer", "previewer", 14)}  # fmt: skip
+        "stage_a_tiny": ("a", "stage_a", 13), "previewer_tiny": ("previewer", "previewer", 14)}
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def forward(model, name):
             return model(x, r, *(torch.randn(1, n, c, generator=g) for n, c in ((5, 32), (1, 32), (1, 24))))
         if name.startswith("stage_b"):
             return model(torch.randn(1, 4, 32, 32, generator=g), torch.rand(1, generator=g),
-                         torch.randn(1, 16, 4, 4, generator=g), torch.randn(1, 1, 32, generator=g))  # fmt: skip
+                         torch.randn(1, 16, 4, 4, generator=g), torch.randn(1, 1, 32, generator=g))
         if name.startswith("stage_a"):
             return model.decode(torch.randn(1, 4, 8, 8, generator=g))
         return model(torch.randn(1, 16, 3, 3, generator=g))
@@ -155,7 +155,7 @@ def test_vqgan_folder_uses_its_scale_factor(tmp_path, tiny):
     paella_mod = pytest.importorskip("diffusers.pipelines.wuerstchen.modeling_paella_vq_model")
     kw = full_kwargs(get_preset("stage_a_tiny").cls, get_preset("stage_a_tiny").kwargs)
     ref = paella_mod.PaellaVQModel(levels=2, bottleneck_blocks=kw["bottleneck_blocks"], embed_dim=kw["c_hidden"],
-                                   num_vq_embeddings=kw["codebook_size"]).eval()  # fmt: skip
+                                   num_vq_embeddings=kw["codebook_size"]).eval()
     ref.load_state_dict(to_diffusers(tiny["stage_a_tiny"].state_dict()), strict=True)
     ref.save_pretrained(tmp_path / "vqgan")  # scale_factor 0.3764, the diffusers default
     model = load_stage("a", tmp_path / "vqgan")
@@ -166,7 +166,8 @@ def test_vqgan_folder_uses_its_scale_factor(tmp_path, tiny):
 
 
 def test_released_configs_match_the_diffusers_repos():
-    # the values of stabilityai/stable-cascade{,-prior} prior/, prior_lite/, decoder/, decoder_lite/ (docs/reference.md §8.1)
+    # the values of stabilityai/stable-cascade{,-prior} prior/, prior_lite/, decoder/, decoder_lite/
+    # (docs/reference.md §8.1)
     table = {
         "stage_c": ([2048, 2048], [32, 32], [8, 24], [24, 8], [1, 1], [1, 1], 2048),
         "stage_c_lite": ([1536, 1536], [24, 24], [4, 12], [12, 4], [1, 1], [1, 1], 1536),
@@ -190,7 +191,7 @@ def test_released_configs_match_the_diffusers_repos():
         ),
     }
     keys = ("block_out_channels", "num_attention_heads", "down_num_layers_per_block", "up_num_layers_per_block",
-            "down_blocks_repeat_mappers", "up_blocks_repeat_mappers", "conditioning_dim")  # fmt: skip
+            "down_blocks_repeat_mappers", "up_blocks_repeat_mappers", "conditioning_dim")
     for name, values in table.items():
         p = get_preset(name)
         cfg = kwargs_to_config(p.stage, full_kwargs(p.cls, p.kwargs))
@@ -269,7 +270,7 @@ def test_wrong_stage(official_dir):
     ("stage_c_lite", "clip_txt_mapper.weight", (2048, 1280), r"Stage C big 3.6B .*'stage_c'"),
     ("stage_b", "down_blocks.1.0.channelwise.0.weight", (2304, 576), r"Stage B lite 700M .*B big 1.5B.*'stage_b_lite'"),
     ("stage_b_lite", "down_blocks.1.0.channelwise.0.weight", (2560, 640), r"Stage B big 1.5B .*'stage_b'"),
-])  # fmt: skip
+])
 def test_lite_vs_big_detected_before_reading_data(tmp_path, monkeypatch, preset, key, shape, says):
     tensors = {key: torch.zeros(shape, dtype=BF16)}  # only what the detector looks at
     if preset.startswith("stage_b"):
@@ -316,7 +317,7 @@ def test_missing_and_unexpected_keys(tmp_path, tiny, save_official):
     (lambda b: b"", r"0 bytes, too short"),
     (lambda b: (40).to_bytes(8, "little") + b"{this is not json" + b" " * 23 + b[48:], r"corrupt safetensors header"),
     (lambda b: b"\xff" * 8 + b[8:], r"not a valid safetensors file"),
-])  # fmt: skip
+])
 def test_damaged_files(official_dir, tmp_path, damage, says):
     data = (official_dir / "stage_c.safetensors").read_bytes()
     (tmp_path / "stage_c.safetensors").write_bytes(damage(data))

@@ -50,13 +50,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "bench", help="benchmark backends and peers against the eager reference (default: tiny random CPU run)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+    )
     p.add_argument("--workload", default="tiny", help="named workload (benchmarks/workloads.py); default: tiny")
-    p.add_argument("--backends", type=_csv(str), help=f"comma list of backends, each on all stages (default: {','.join(ALL_BACKENDS)})")
-    p.add_argument("--combo", action="append", default=[], help="a per-stage combination, e.g. c=tensorrt,b=tensorrt,a=triton (repeatable)")
-    p.add_argument("--peers", type=_csv(str), help=f"comma list of peers (default: {','.join(ALL_PEERS)}); 'none' for none")
-    p.add_argument("--graphs", action="store_true", help="also run each CUDA-graph-safe backend with CUDA graphs (+graphs)")
-    p.add_argument("--presets", type=_csv(str), help="preset sets to run: big, lite, chart, tiny (default: the workload's)")
+    p.add_argument("--backends", type=_csv(str),
+                   help=f"comma list of backends, each on all stages (default: {','.join(ALL_BACKENDS)})")
+    p.add_argument("--combo", action="append", default=[],
+                   help="a per-stage combination, e.g. c=tensorrt,b=tensorrt,a=triton (repeatable)")
+    p.add_argument("--peers", type=_csv(str),
+                   help=f"comma list of peers (default: {','.join(ALL_PEERS)}); 'none' for none")
+    p.add_argument("--graphs", action="store_true",
+                   help="also run each CUDA-graph-safe backend with CUDA graphs (+graphs)")
+    p.add_argument("--presets", type=_csv(str),
+                   help="preset sets to run: big, lite, chart, tiny (default: the workload's)")
     p.add_argument("--batch", type=_csv(int), help="batch sizes, e.g. 1,4 (default: the workload's)")
     p.add_argument("--b-cfg", type=_csv(float), help="Stage B cfg values, e.g. 1.1,0 (default: the workload's)")
     p.add_argument("--runs", type=int, help="timed runs per combination (default: the workload's)")
@@ -72,14 +77,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--budget-s", type=float, help="stop starting new combinations after this many seconds")
     p.add_argument("--record", action="store_true", help="also copy the run into benchmarks/results/ (+ results.csv)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots and the image grid")
-    p.add_argument("--list", action="store_true", help="list workloads, backends (with availability) and peers, then exit")
+    p.add_argument("--list", action="store_true",
+                   help="list workloads, backends (with availability) and peers, then exit")
     p.set_defaults(func=run)
 
 
 def _git(*args: str) -> str | None:
     try:
         return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
-                              check=True).stdout.strip()  # fmt: skip
+                              check=True).stdout.strip()
     except Exception:  # not a checkout, or no git: recorded as unknown
         return None
 
@@ -91,7 +97,7 @@ def _device_detail(device) -> str:
         prop = torch.cuda.get_device_properties(device)
         return f"{prop.total_memory / 2**30:.0f} GiB, {prop.multi_processor_count} SMs, CUDA {torch.version.cuda}"
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""  # fmt: skip
+                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
     return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
@@ -103,12 +109,14 @@ def environment_header(device, argv: list[str]) -> dict:
     env = environment()
     env["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     env.update(
-        device_detail=_device_detail(device), platform=platform.platform(), git_sha=_git("rev-parse", "HEAD") or "unknown",
+        device_detail=_device_detail(device), platform=platform.platform(),
+        git_sha=_git("rev-parse", "HEAD") or "unknown",
         git_dirty=bool(_git("status", "--porcelain", "--untracked-files=no")),
-        cpu_count=os.cpu_count(), load_avg=" ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    )  # fmt: skip
+        cpu_count=os.cpu_count(),
+        load_avg=" ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    )
     timing = ("CUDA events around each stage, read after one synchronize per run" if device.type == "cuda"
-              else "time.perf_counter around each stage")  # fmt: skip
+              else "time.perf_counter around each stage")
     return {
         "schema": "cascade-rt-bench/1",
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -202,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
     wl = get_workload(args.workload).with_overrides(
         preset_sets=args.presets, batches=args.batch, stage_b_cfgs=args.b_cfg, runs=args.runs, warmup=args.warmup,
         seed=args.seed, device=args.device,
-    )  # fmt: skip
+    )
     if wl.runs < 1 or wl.warmup < 1:
         raise ConfigError("--runs and --warmup must be >= 1 (the first run is the cold one, timed apart)")
     device = torch.device(wl.device)
@@ -214,11 +222,11 @@ def run(args: argparse.Namespace) -> int:
     header = environment_header(device, argv)
     combos = build_combos(args, device)
     print(f"cascade-rt bench: workload {wl.name} on {header['environment']['device']}, "
-          f"{len(wl.cases())} case(s) x {len(combos)} combination(s), RANDOM weights; writing {args.out}/", flush=True)  # fmt: skip
+          f"{len(wl.cases())} case(s) x {len(combos)} combination(s), RANDOM weights; writing {args.out}/", flush=True)
     run_ = run_workload(
         wl, combos, device=device, header=header, engine_dir=args.engines_dir, budget_s=args.budget_s,
         interleave=None if args.order is None else args.order == "interleaved", on_update=lambda r: _write(r, args.out),
-    )  # fmt: skip
+    )
     _write(run_, args.out)
     markdown = render_markdown(run_.results)
     (args.out / "report.md").write_text(markdown)

@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "bench-serve", help="load benchmark of `cascade-rt serve`: throughput, p50/p99 vs concurrency and max-wait",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+    )
     add_model_args(p)
     g = p.add_argument_group("load")
     g.add_argument("--url", help="benchmark a running server instead of starting one (--max-wait-ms is ignored)")
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(_server_args(args, 0.0))
     height, width = config.sizes[0]
     body = {"prompt": "a photograph of a lighthouse", "size": f"{width}x{height}", "steps_c": args.steps_c,
-            "steps_b": args.steps_b}  # fmt: skip
+            "steps_b": args.steps_b}
     rows = []
     if args.url:
         for c in args.concurrency:
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     results = {**header, "workload": {"size": f"{width}x{height}", "steps_c": args.steps_c, "steps_b": args.steps_b,
                                       "max_batch": args.max_batch, "requests_per_point": args.requests,
                                       "preset": args.preset if args.random_weights else "weights"},
-               "rows": rows}  # fmt: skip
+               "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     files = [out / "results.json", out / "report.md"]
@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
 def _line(row: dict) -> str:
     extra = f", {row['mean_batch_images']:.2f} images/batch" if "batches" in row else ""
     return (f"max-wait {row['max_wait_ms']} ms, concurrency {row['concurrency']}: {row['images_per_s']:.2f} images/s, "
-            f"p50 {row['p50_s']:.2f} s, p99 {row['p99_s']:.2f} s{extra}, statuses {row['statuses']}")  # fmt: skip
+            f"p50 {row['p50_s']:.2f} s, p99 {row['p99_s']:.2f} s{extra}, statuses {row['statuses']}")
 
 
 def report(results: dict) -> str:
@@ -132,7 +132,7 @@ def report(results: dict) -> str:
     for r in results["rows"]:
         per_batch = f"{r['mean_batch_images']:.2f}" if "mean_batch_images" in r else "-"
         lines.append(f"| {r['max_wait_ms']} | {r['concurrency']} | {r['images_per_s']:.2f} | {r['p50_s']:.2f} | "
-                     f"{r['p99_s']:.2f} | {per_batch} | {r['statuses']} |")  # fmt: skip
+                     f"{r['p99_s']:.2f} | {per_batch} | {r['statuses']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("engines", help="list, verify or clean the engine cache", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("action", choices=("list", "verify", "clean"))
     p.add_argument("--engine-dir", default="engines")
     p.add_argument("--no-numerics", action="store_true", help="verify: files and environment only")
@@ -75,4 +75,4 @@ def list_row(entry) -> dict:
         "precision": m.precision, "dims": m.dims, "dynamic": m.dynamic,
         "bytes": sum(f["bytes"] for f in m.files.values()), "validation": m.validation.get("status"),
         "created": m.build.get("created"),
-    }  # fmt: skip
+    }

@@ -12,7 +12,7 @@ from cascade_rt.commands.generate import (
     load_from_args,
     save_images,
     timing_line,
-)  # fmt: skip
+)
 from cascade_rt.stages import SAMPLING
 
 
@@ -54,13 +54,13 @@ def run(args: argparse.Namespace) -> int:
     bars = StageBars()
     try:
         out = pipe.reconstruct(image, prompt=args.prompt, steps_b=args.steps_b, cfg_b=args.cfg_b,
-                               seed=args.seed, progress=bars)  # fmt: skip
+                               seed=args.seed, progress=bars)
     finally:
         bars.close()
     meta = {
         "source": str(args.image), "prompt": args.prompt, "seed": out.seed, "steps_b": args.steps_b,
         "cfg_b": args.cfg_b, "dtype": args.dtype, "weights": "RANDOM" if args.random_weights else str(args.weights),
-    }  # fmt: skip
+    }
     paths = save_images(out.images, args.output, meta, args.random_weights)
     print(timing_line(out.timings))
     print(f"wrote {', '.join(map(str, paths))} (seed {out.seed})")

@@ -10,4 +10,4 @@ from cascade_rt.models.stage_c import StageC
 __all__ = [
     "EfficientNetEncoder", "Preset", "PRESETS", "Previewer", "StageA", "StageB", "StageC",
     "build_model", "count_parameters", "get_preset", "normalize_imagenet",
-]  # fmt: skip
+]

@@ -67,7 +67,7 @@ PRESETS: dict[str, Preset] = {
         Preset("stage_a_tiny", "a", StageA, dict(bottleneck_blocks=2, c_hidden=32, codebook_size=64)),
         Preset("previewer_tiny", "previewer", Previewer, dict(c_hidden=32)),
     ]
-}  # fmt: skip
+}
 
 
 def get_preset(name: str) -> Preset:

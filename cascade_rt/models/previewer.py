@@ -20,7 +20,7 @@ class Previewer(nn.Module):
             nn.ConvTranspose2d(h4, h4, kernel_size=2, stride=2), nn.GELU(), nn.BatchNorm2d(h4),
             nn.Conv2d(h4, h4, kernel_size=3, padding=1), nn.GELU(), nn.BatchNorm2d(h4),
             nn.Conv2d(h4, c_out, kernel_size=1),
-        )  # fmt: skip
+        )
 
     @property
     def dtype(self) -> torch.dtype:

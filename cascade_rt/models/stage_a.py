@@ -1,4 +1,5 @@
-"""Stage A, the VQGAN between pixels and the 4-channel Stage B latent (official `modules/stage_a.py`), docs/reference.md §1.5.
+"""Stage A, the VQGAN between pixels and the 4-channel Stage B latent (official `modules/stage_a.py`),
+docs/reference.md §1.5.
 
 `decode(x)` multiplies by `scale_factor` (0.43, official) internally; the codebook (`vquantizer`) is kept for
 strict loading and for `encode(..., quantize=True)`, but the decode path never uses it.

@@ -1,4 +1,5 @@
-"""Stage B, the decoder from the Stage C latent to the Stage A latent (official `modules/stage_b.py`), docs/reference.md §1.4.
+"""Stage B, the decoder from the Stage C latent to the Stage A latent (official `modules/stage_b.py`),
+docs/reference.md §1.4.
 
 Constructor arguments, names and defaults are the official ones (defaults = the "3B"/1.5B model).
 `forward(x, r, effnet, clip, pixels=None)` returns epsilon and equals
@@ -71,7 +72,7 @@ class StageB(CascadeUNet):
                 LayerNorm2d(c_hidden[i], elementwise_affine=False, eps=1e-6),
                 nn.ConvTranspose2d(c_hidden[i], c_hidden[i - 1], kernel_size=2, stride=2),
             ),
-        )  # fmt: skip
+        )
         self.clf = nn.Sequential(
             LayerNorm2d(c_hidden[0], elementwise_affine=False, eps=1e-6),
             nn.Conv2d(c_hidden[0], c_out * patch_size**2, kernel_size=1),
@@ -83,7 +84,9 @@ class StageB(CascadeUNet):
         """(B, 4, c_cond): the pooled text embedding mapped to `c_clip_seq` tokens, LayerNorm'ed."""
         if clip.dim() == 2:
             clip = clip.unsqueeze(1)
-        tokens = self.clip_mapper(clip.to(self.clip_mapper.weight.dtype)).view(clip.size(0), clip.size(1) * self.c_clip_seq, -1)
+        tokens = self.clip_mapper(clip.to(self.clip_mapper.weight.dtype)).view(
+            clip.size(0), clip.size(1) * self.c_clip_seq, -1
+        )
         return layer_norm_fp32(self.clip_norm, tokens)
 
     def prepare_conditioning(

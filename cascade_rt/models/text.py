@@ -135,7 +135,7 @@ def _build_text_tower(cfg: ClipTextConfig) -> nn.Module:
         context_length=cfg.context_length, vocab_size=cfg.vocab_size, width=cfg.width, heads=cfg.heads,
         layers=cfg.layers, mlp_ratio=cfg.mlp_ratio, output_dim=cfg.output_dim, act_layer=_act(cfg.act),
         norm_layer=partial(LayerNorm, eps=cfg.eps),
-    )  # fmt: skip
+    )
     tower.attn_mask = None  # we build causal + padding masks per batch; drop the (non-persistent) causal buffer
     return tower
 
@@ -147,7 +147,7 @@ def _build_vision_tower(cfg: ClipVisionConfig) -> nn.Module:
         image_size=cfg.image_size, patch_size=cfg.patch_size, width=cfg.width, layers=cfg.layers, heads=cfg.heads,
         mlp_ratio=cfg.mlp_ratio, output_dim=cfg.output_dim, act_layer=_act(cfg.act),
         norm_layer=partial(LayerNorm, eps=cfg.eps),
-    )  # fmt: skip
+    )
 
 
 # --- key conversion: HF transformers CLIP -> open_clip ------------------------------------------------------
@@ -156,7 +156,7 @@ _HF_LAYER = re.compile(r"encoder\.layers\.(\d+)\.(.+)")
 _HF_LAYER_RENAMES = {
     "layer_norm1.": "ln_1.", "layer_norm2.": "ln_2.", "mlp.fc1.": "mlp.c_fc.", "mlp.fc2.": "mlp.c_proj.",
     "self_attn.out_proj.": "attn.out_proj.",
-}  # fmt: skip
+}
 _HF_TOP = {
     "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
     "text_model.embeddings.position_embedding.weight": "positional_embedding",
@@ -335,7 +335,7 @@ class TextEncoder(_ClipTower):
                 mlp_ratio=f("intermediate_size") / f("hidden_size"), output_dim=hf.get("projection_dim", 512),
                 context_length=hf.get("max_position_embeddings", 77), vocab_size=hf.get("vocab_size", 49408),
                 act=hf.get("hidden_act", "quick_gelu"), eps=hf.get("layer_norm_eps", 1e-5),
-            )  # fmt: skip
+            )
         else:
             oc, quick = _open_clip_model_cfg(where, "ViT-bigG-14")
             t = oc["text_cfg"]
@@ -343,7 +343,7 @@ class TextEncoder(_ClipTower):
                 width=t["width"], layers=t["layers"], heads=t["heads"], mlp_ratio=t.get("mlp_ratio", 4.0),
                 output_dim=oc["embed_dim"], context_length=t.get("context_length", 77),
                 vocab_size=t.get("vocab_size", 49408), act="quick_gelu" if quick else "gelu",
-            )  # fmt: skip
+            )
             state = {k: v for k, v in _read_state(where).items() if not k.startswith(("visual.", "logit_"))}
         with torch.device("meta"):
             model = cls(config)
@@ -399,7 +399,7 @@ class ImageEncoder(_ClipTower):
                 mlp_ratio=f("intermediate_size") / f("hidden_size"), patch_size=f("patch_size"),
                 image_size=hf.get("image_size", 224), output_dim=hf.get("projection_dim", 512),
                 act=hf.get("hidden_act", "quick_gelu"), eps=hf.get("layer_norm_eps", 1e-5),
-            )  # fmt: skip
+            )
         else:
             oc, quick = _open_clip_model_cfg(where, "ViT-L-14")
             v = oc["vision_cfg"]
@@ -407,7 +407,7 @@ class ImageEncoder(_ClipTower):
                 width=v["width"], layers=v["layers"], heads=v["width"] // v.get("head_width", 64),
                 mlp_ratio=v.get("mlp_ratio", 4.0), patch_size=v["patch_size"], image_size=v.get("image_size", 224),
                 output_dim=oc["embed_dim"], act="quick_gelu" if quick else "gelu",
-            )  # fmt: skip
+            )
             state = {k[len("visual.") :]: v for k, v in _read_state(where).items() if k.startswith("visual.")}
         with torch.device("meta"):
             model = cls(config)
@@ -416,7 +416,8 @@ class ImageEncoder(_ClipTower):
         return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
     def preprocess(self, images: Tensor) -> Tensor:
-        """[0,1] RGB (B,3,H,W) -> Resize(shorter side, bicubic) -> CenterCrop -> CLIP normalisation (docs/reference.md §4.2)."""
+        """[0,1] RGB (B,3,H,W) -> Resize(shorter side, bicubic) -> CenterCrop -> CLIP normalisation
+        (docs/reference.md §4.2)."""
         from torchvision.transforms.v2 import functional as TF  # torchvision: 3 s to import, only when used
 
         size = self.config.image_size

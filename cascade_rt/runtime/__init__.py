@@ -48,7 +48,7 @@ __all__ = [
     "GraphKey", "GraphedSampler", "MemoryManager", "StageRunner", "StaticStep", "Tolerance",
     "available_backends", "build_runner", "default_backends", "format_backend_spec", "get_backend",
     "offload_units", "parse_backend_spec", "relative_error", "require_backend", *_LAZY,
-]  # fmt: skip
+]
 
 
 def __getattr__(name: str) -> Any:

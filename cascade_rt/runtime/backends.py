@@ -29,7 +29,7 @@ from cascade_rt.runtime.runner import (
     cxx_compiler,
     eager_step,
     module_missing,
-)  # fmt: skip
+)
 from cascade_rt.stages import STAGE_ALIASES, STAGES
 
 logger = logging.getLogger(__name__)
@@ -129,7 +129,9 @@ def _interpreting() -> bool:
 
 def default_backends() -> dict[str, Backend]:
     """A fresh registry: name -> backend. Nothing is imported or probed until a backend is used."""
-    backends: list[Backend] = [EagerBackend(), CompileBackend(), TritonBackend(), OnnxRuntimeBackend(), TensorRTBackend(), AOTIBackend()]
+    backends: list[Backend] = [
+        EagerBackend(), CompileBackend(), TritonBackend(), OnnxRuntimeBackend(), TensorRTBackend(), AOTIBackend()
+    ]
     return {b.name: b for b in backends}
 
 
@@ -174,7 +176,9 @@ def require_backend(name: str, device: torch.device, registry: Mapping[str, Back
     return backend
 
 
-def parse_backend_spec(spec: str | Mapping[str, str] | None, registry: Mapping[str, Backend] | None = None) -> dict[str, str]:
+def parse_backend_spec(
+    spec: str | Mapping[str, str] | None, registry: Mapping[str, Backend] | None = None
+) -> dict[str, str]:
     """'eager' | 'c=tensorrt,b=triton,a=eager' | 'triton,a=eager' (a bare name = default) | dict -> {stage: name}.
 
     Stages not named get the bare default, else eager. Names are checked against the registry; availability

@@ -57,7 +57,7 @@ def available_memory(device: Any) -> tuple[int, str] | None:
 def estimate_batch_bytes(
     presets: Mapping[str, str], *, batch: int, height: int, width: int, dtype: Any, mode: str = "resident",
     device: Any = "cpu", weights_loaded: bool = False,
-) -> tuple[int, int, int]:  # fmt: skip
+) -> tuple[int, int, int]:
     """(bytes needed, bytes that do not grow with the batch, bytes per image). CUDA: the device peak of the memory
     mode (weights, activations, context). CPU: the weights (unless already loaded) + the largest activation peak."""
     est = _per_image_estimate(tuple(sorted(presets.items())), height, width, dtype)
@@ -73,7 +73,7 @@ def estimate_batch_bytes(
 def check_batch_memory(
     presets: Mapping[str, str], *, batch: int, height: int, width: int, dtype: Any, mode: str = "resident",
     device: Any = "cpu", weights_loaded: bool = False, flag: str = "images_per_prompt", prompts: int = 1,
-) -> None:  # fmt: skip
+) -> None:
     """Refuse `batch` images at once (prompts x images per prompt) when the estimate exceeds the device's memory.
 
     presets: {"c", "b", "a", "text"} -> model preset names (as `estimate_memory` takes them)."""
@@ -83,7 +83,7 @@ def check_batch_memory(
     if limit is None:
         return
     need, fixed, per_image = estimate_batch_bytes(presets, batch=batch, height=height, width=width, dtype=dtype,
-                                                  mode=mode, device=device, weights_loaded=weights_loaded)  # fmt: skip
+                                                  mode=mode, device=device, weights_loaded=weights_loaded)
     budget, where = limit
     if need <= budget:
         return

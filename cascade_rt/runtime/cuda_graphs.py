@@ -41,7 +41,7 @@ from cascade_rt.sampling import (
     draw_noise,
     run_plan,
     sampler_step,
-)  # fmt: skip
+)
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class StaticStep:
         host = torch.stack([
             torch.randn(self.x.shape, generator=generator, device=generator.device, dtype=torch.float32)
             for _ in range(steps)
-        ])  # fmt: skip
+        ])
         self.noise[:steps].copy_(_pinned(host, self.x.device), non_blocking=True)
 
     def rewind(self) -> None:
@@ -147,7 +147,7 @@ class StaticStep:
         cfg, rho, one_minus_rho = self.cfg_rho.unbind(0)
         noise = self.noise.index_select(0, i).squeeze(0) if self.noise is not None else None
         x_next, x0 = sampler_step(self.denoise, self.x, c, self.inputs, cfg=cfg if self.key.guided else None,
-                                  rho=rho, one_minus_rho=one_minus_rho, noise=noise)  # fmt: skip
+                                  rho=rho, one_minus_rho=one_minus_rho, noise=noise)
         self.x.copy_(x_next)
         self.x0.copy_(x0)
         self.step_index.add_(1)
@@ -158,7 +158,7 @@ class StaticStep:
 
     def addresses(self) -> dict[str, int]:
         out = {"x": self.x.data_ptr(), "x0": self.x0.data_ptr(), "schedule": self.schedule.data_ptr(),
-               "step_index": self.step_index.data_ptr(), "cfg_rho": self.cfg_rho.data_ptr()}  # fmt: skip
+               "step_index": self.step_index.data_ptr(), "cfg_rho": self.cfg_rho.data_ptr()}
         if self.noise is not None:
             out["noise"] = self.noise.data_ptr()
         for j, t in enumerate(self._leaves):
@@ -281,7 +281,7 @@ class GraphedSampler:
         eager = dict(cfg=cfg, cfg_rho=cfg_rho, generator=generator, callback=callback)
         if self.mode == "graph" and x.device.type != "cuda":
             self._warn_once("device", "stage %s: CUDA graphs need a CUDA device (x is on %s); running eagerly",
-                            self.stage, x.device)  # fmt: skip
+                            self.stage, x.device)
             return run_plan(model, x, plan.to(x.device), cond, uncond, **eager)
         use_cfg = cfg is not None and uncond is not None
         if plan.mode == "diffusers":  # the same rules as run_plan
@@ -291,9 +291,11 @@ class GraphedSampler:
         self._check_weights()
 
         entry = self.entries.get(key)
-        if entry is not None and (entry.static.signature != input_signature(inputs) or plan.steps > entry.static.max_steps):
+        if entry is not None and (
+            entry.static.signature != input_signature(inputs) or plan.steps > entry.static.max_steps
+        ):
             self._warn_once(("mismatch", key), "stage %s: %s has other conditioning shapes or more steps than "
-                            "captured; running eagerly", self.stage, key)  # fmt: skip
+                            "captured; running eagerly", self.stage, key)
             self.stats["fallbacks"] += 1
             return run_plan(model, x, plan.to(x.device), cond, uncond, **eager)
         if entry is None:
@@ -314,13 +316,15 @@ class GraphedSampler:
         self._replay(entry, plan.steps, callback)
         return (static.x0 if plan.output == "x0" else static.x).clone()
 
-    def key_for(self, x: Tensor, plan: StagePlan, inputs: Mapping[str, Any], guided: bool, whole_loop: bool) -> GraphKey:
+    def key_for(
+        self, x: Tensor, plan: StagePlan, inputs: Mapping[str, Any], guided: bool, whole_loop: bool
+    ) -> GraphKey:
         tensors = [t for t in tree_flatten(dict(inputs))[0] if isinstance(t, Tensor) and t.is_floating_point()]
         dtype = tensors[0].dtype if tensors else x.dtype
         return GraphKey(
             self.stage, int(x.shape[0]), int(x.shape[-2]), int(x.shape[-1]), dtype,
             guided=guided, stochastic=plan.stochastic, loop_steps=plan.steps if whole_loop else 0,
-        )  # fmt: skip
+        )
 
     # -------------------------------------------------------------- capture / replay
     def _capture(self, key, model, x, plan, inputs, use_cfg, cfg, cfg_rho) -> _Entry | None:
@@ -352,7 +356,7 @@ class GraphedSampler:
         except Exception as exc:  # a backend that is not capturable: keep working, eagerly, and say so once
             self._failed.add(key)
             self._warn_once(key, "stage %s: CUDA-graph capture failed for %s (%s: %s); running eagerly",
-                            self.stage, key, type(exc).__name__, exc)  # fmt: skip
+                            self.stage, key, type(exc).__name__, exc)
             return None
         entry.graph, entry.addresses = graph, static.addresses()
         self.entries[key] = entry

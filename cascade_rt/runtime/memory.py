@@ -183,7 +183,9 @@ class MemoryManager:
         self._on_device: set[str] = set()
         self.current: str | None = None
         if self.device.type != "cuda" and mode != "resident":
-            logger.info("memory mode %r on %s: weights stay where they are (nothing to save on a CPU)", mode, self.device)
+            logger.info(
+                "memory mode %r on %s: weights stay where they are (nothing to save on a CPU)", mode, self.device
+            )
         self._place()
 
     @property

@@ -99,7 +99,9 @@ class ThroughputRunner:
         if self.overlap and "b" in graphed and "c" in graphed and graphed["b"].pool is graphed["c"].pool:
             graphed["b"].use_pool(torch.cuda.graph_pool_handle())  # C and B replay concurrently
 
-    def __call__(self, prompts: Sequence[str], negative_prompt: str = "", *, seed: int = 0, **settings: Any) -> list[CascadeOutput]:
+    def __call__(
+        self, prompts: Sequence[str], negative_prompt: str = "", *, seed: int = 0, **settings: Any
+    ) -> list[CascadeOutput]:
         s = Settings(**settings)
         check_resolution(s.height, s.width)
         batches = make_batches(prompts, self.max_batch)
@@ -112,7 +114,7 @@ class ThroughputRunner:
         wall = time.perf_counter() - t0
         images = sum(len(b) for b in batches)
         self.last = {"batches": len(batches), "images": images, "wall_s": wall, "images_per_s": images / wall,
-                     "overlap": self.overlap and len(jobs) > 1}  # fmt: skip
+                     "overlap": self.overlap and len(jobs) > 1}
         return outputs
 
     def _overlapped(self, jobs: list, s: Settings) -> list[CascadeOutput]:

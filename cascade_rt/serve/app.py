@@ -43,7 +43,7 @@ from cascade_rt.serve.schemas import (
     load_json,
     parse_generation,
     parse_multipart,
-)  # fmt: skip
+)
 
 logger = logging.getLogger(__name__)
 
@@ -94,11 +94,11 @@ class Service:
             self.info["load_s"] = round(time.perf_counter() - t0, 2)
             if self.config.warmup_steps > 0:
                 warm = await asyncio.to_thread(self.engine.warmup, self.config.sizes, self.config.max_batch,
-                                               self.config.warmup_steps)  # fmt: skip
+                                               self.config.warmup_steps)
                 self.info["warmup_s"] = round(warm, 2)
             self.batcher = Batcher(self.engine, max_batch=self.config.max_batch,
                                    max_wait=self.config.max_wait_ms / 1000, max_queue=self.config.max_queue,
-                                   metrics=self.metrics)  # fmt: skip
+                                   metrics=self.metrics)
             self.batcher.start()
             self.ready = True
             self.metrics.ready.set(1)
@@ -115,7 +115,7 @@ class Service:
 
 
 def create_app(load: Callable[[], Any], config: ServeConfig | None = None, *,
-               make_engine: Callable[[Any], Any] | None = None) -> FastAPI:  # fmt: skip
+               make_engine: Callable[[Any], Any] | None = None) -> FastAPI:
     """The FastAPI application; `load()` returns the pipeline (it runs on a thread after start)."""
     config = config or ServeConfig()
 
@@ -166,7 +166,7 @@ def create_app(load: Callable[[], Any], config: ServeConfig | None = None, *,
     @app.get("/v1/models")
     async def models() -> Response:
         return JSONResponse({"object": "list", "data": [{"id": config.model_name, "object": "model",
-                                                          "owned_by": "cascade-rt", "created": 0}]})  # fmt: skip
+                                                          "owned_by": "cascade-rt", "created": 0}]})
 
     # ---------------------------------------------------------------------------------------- generation
     async def admit(request: Request, endpoint: str, parse: Callable[[], Any]) -> tuple[Job, float] | Response:
@@ -177,7 +177,7 @@ def create_app(load: Callable[[], Any], config: ServeConfig | None = None, *,
             if not s.ready:
                 reason = s.failure or "the model is loading (weights, warm-up)"
                 raise Refusal(503, f"not ready: {reason}; retry when GET /readyz answers 200", "unavailable",
-                               {"Retry-After": "5"})  # fmt: skip
+                               {"Retry-After": "5"})
             spec = await parse()
             timeout = config.request_timeout_s
             asked = request.headers.get("x-request-timeout")
@@ -211,14 +211,14 @@ def create_app(load: Callable[[], Any], config: ServeConfig | None = None, *,
         try:
             remaining = max(0.0, job.deadline - time.monotonic())
             done, _ = await asyncio.wait({job.future, watch}, timeout=remaining,
-                                         return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+                                         return_when=asyncio.FIRST_COMPLETED)
             if job.future in done:
                 return job.future.result()
             service_of(request).batcher.cancel(job)
             if watch in done:
                 raise ClientGone()
             raise DeadlineExceeded(f"no result within the request's deadline ({remaining:.1f} s left when it "
-                                   "was queued); the work was dropped if it had not started")  # fmt: skip
+                                   "was queued); the work was dropped if it had not started")
         finally:
             watch.cancel()
 
@@ -235,7 +235,7 @@ def create_app(load: Callable[[], Any], config: ServeConfig | None = None, *,
         return error_response(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
 
     async def respond(request: Request, endpoint: str, parse: Callable[[], Any],
-                      render: Callable[[GenerationSpec, list[Image.Image]], Response]) -> Response:  # fmt: skip
+                      render: Callable[[GenerationSpec, list[Image.Image]], Response]) -> Response:
         s = service_of(request)
         admitted = await admit(request, endpoint, parse)
         if isinstance(admitted, Response):
@@ -282,28 +282,28 @@ def create_app(load: Callable[[], Any], config: ServeConfig | None = None, *,
                     getter = asyncio.ensure_future(previews.get())
                     remaining = max(0.0, job.deadline - time.monotonic())
                     done, _ = await asyncio.wait({waiter, getter}, timeout=remaining,
-                                                 return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+                                                 return_when=asyncio.FIRST_COMPLETED)
                     if getter in done:
                         for i, im in enumerate(getter.result()):
                             yield event("image_generation.partial_image",
                                         {"b64_json": b64_png(job.spec, im, i), "index": i, "partial_image_index": 0,
-                                         "stage": "c", "seed": job.spec.seed})  # fmt: skip
+                                         "stage": "c", "seed": job.spec.seed})
                         continue
                     getter.cancel()
                     if waiter not in done:
                         s.batcher.cancel(job)
                         raise DeadlineExceeded("no result within the request's deadline; the work was dropped "
-                                               "if it had not started")  # fmt: skip
+                                               "if it had not started")
                     break
                 while not previews.empty():  # a preview that arrived with the result
                     for i, im in enumerate(previews.get_nowait()):
                         yield event("image_generation.partial_image",
                                     {"b64_json": b64_png(job.spec, im, i), "index": i, "partial_image_index": 0,
-                                     "stage": "c", "seed": job.spec.seed})  # fmt: skip
+                                     "stage": "c", "seed": job.spec.seed})
                 for i, im in enumerate(job.future.result()):
                     yield event("image_generation.completed",
                                 {"b64_json": b64_png(job.spec, im, i), "index": i, "seed": job.spec.seed,
-                                 "output_format": "png"})  # fmt: skip
+                                 "output_format": "png"})
             except asyncio.CancelledError:  # the client went away
                 s.batcher.cancel(job)
                 status = 499
@@ -329,7 +329,7 @@ def create_app(load: Callable[[], Any], config: ServeConfig | None = None, *,
         extra = sorted(set(files) - {"image"})
         if extra:
             raise RequestError(400, f"{', '.join(extra)}: not supported (no inpainting masks); send only 'image'",
-                               extra[0])  # fmt: skip
+                               extra[0])
         if "image" not in files:
             raise RequestError(400, "image: missing; upload the input image as the multipart file 'image'", "image")
         image = decode_image(files["image"])
@@ -353,7 +353,7 @@ def create_app(load: Callable[[], Any], config: ServeConfig | None = None, *,
                                     next_seed=seeds(request))
             if spec.n != 1 or spec.stream:
                 raise RequestError(400, "/v1/generate returns one PNG: n must be 1 and stream false; use "
-                                        "/v1/images/generations for more", "n")  # fmt: skip
+                                        "/v1/images/generations for more", "n")
             return spec
 
         def png(spec: GenerationSpec, images: list[Image.Image]) -> Response:

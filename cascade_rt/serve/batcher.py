@@ -65,7 +65,7 @@ class Job:
 
 class Batcher:
     def __init__(self, engine: BatchEngine, *, max_batch: int, max_wait: float, max_queue: int,
-                 metrics: Any = None) -> None:  # fmt: skip
+                 metrics: Any = None) -> None:
         self.engine, self.max_batch, self.max_wait, self.max_queue = engine, max_batch, max_wait, max_queue
         self.metrics = metrics
         self.queues: dict[BatchKey, deque[Job]] = {}
@@ -98,13 +98,13 @@ class Batcher:
 
     # ------------------------------------------------------------------------------------------ admission
     def submit(self, spec: GenerationSpec, *, timeout: float,
-               on_preview: Callable[[list], None] | None = None) -> Job:  # fmt: skip
+               on_preview: Callable[[list], None] | None = None) -> Job:
         if self._stopping:
             raise ShuttingDown("the server is shutting down and takes no new requests; retry on another replica")
         if self.waiting >= self.max_queue:
             retry = max(1, round(self.recent_batch_s * (1 + self.waiting / max(self.max_batch, 1))))
             raise QueueFull(f"the queue is full ({self.waiting} requests waiting, limit {self.max_queue}); "
-                            f"retry after {retry} s", retry)  # fmt: skip
+                            f"retry after {retry} s", retry)
         job = Job(spec, asyncio.get_running_loop().create_future(), time.monotonic() + timeout, on_preview)
         self.queues.setdefault(spec.key, deque()).append(job)
         self.waiting += 1
@@ -134,7 +134,7 @@ class Batcher:
                     self.waiting -= 1
                     job.future.set_exception(DeadlineExceeded(
                         f"the request waited {now - job.enqueued:.1f} s in the queue, past its deadline; it was "
-                        "dropped before it started (raise the timeout, or retry later)"))  # fmt: skip
+                        "dropped before it started (raise the timeout, or retry later)"))
                 else:
                     kept.append(job)
             if kept:

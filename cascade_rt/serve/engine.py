@@ -73,7 +73,7 @@ class BatchEngine:
         freeze the CUDA graphs, so no capture happens while serving. Returns the seconds it took."""
         t0 = time.perf_counter()
         shapes = sorted(((b, h, w) for h, w in sizes for b in range(1, max_batch + 1)),
-                        key=lambda s: s[0] * s[1] * s[2], reverse=True)  # fmt: skip
+                        key=lambda s: s[0] * s[1] * s[2], reverse=True)
         for batch, height, width in shapes:
             key = BatchKey(height, width, steps, steps, SAMPLING["c"].cfg, SAMPLING["b"].cfg)  # the default CFG graphs
             spec = GenerationSpec("warm-up", "", batch, 0, key)
@@ -118,22 +118,22 @@ class BatchEngine:
         if key.mode == "variation":  # each request's own image conditions its rows (the pipeline takes one image)
             if pipe.image_encoder is None:
                 raise ConfigError("image variation needs an image encoder (CLIP ViT-L/14, an image_encoder/ folder "
-                                  "beside the weights); this server's pipeline has none")  # fmt: skip
+                                  "beside the weights); this server's pipeline has none")
             with timer.section("clip_image"):
                 clip_img = torch.cat([pipe._expand(pipe.image_encoder.encode(from_pil(s.image).to(pipe.device)), s.n)
-                                      for s in specs])  # fmt: skip
+                                      for s in specs])
             embeds = dataclasses.replace(embeds, clip_img=clip_img)
         steps, t_start = key.steps_c, 1.0
         if key.mode == "image":
             with timer.section("effnet"):
                 effnet = torch.cat([pipe._expand(pipe._effnet_latent(from_pil(s.image), shapes["c"][-2:]), s.n)
-                                    for s in specs])  # fmt: skip
+                                    for s in specs])
             steps, t_start = int(key.steps_c * key.strength), key.strength
             x_c = diffuse(effnet, t_start, gens.randn(effnet.shape).to(pipe.device))
         else:
             x_c = gens.randn(shapes["c"]).to(pipe.device)
         latent_c = pipe.prior(embeds, x_c, steps=steps, cfg=key.cfg_c, shift=SAMPLING["c"].shift, gen=gens,
-                              t_start=t_start, timer=timer)  # fmt: skip
+                              t_start=t_start, timer=timer)
         wanted = [i for i, s in enumerate(specs) if s.stream]
         if wanted and previews is not None and pipe.previewer is not None:
             with timer.section("previewer"):

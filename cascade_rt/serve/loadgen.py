@@ -43,7 +43,7 @@ async def _load(url: str, body: dict[str, Any], concurrency: int, requests: int,
         "concurrency": concurrency, "requests": requests, "ok": len(latencies), "statuses": statuses,
         "wall_s": wall, "images_per_s": images / wall, "requests_per_s": len(latencies) / wall,
         "p50_s": float(np.percentile(lat, 50)), "p99_s": float(np.percentile(lat, 99)), "mean_s": float(lat.mean()),
-    }  # fmt: skip
+    }
 
 
 def run_load(url: str, body: dict[str, Any], *, concurrency: int, requests: int, timeout: float = 600) -> dict:

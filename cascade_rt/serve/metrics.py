@@ -20,16 +20,16 @@ class ServeMetrics:
         self.in_flight = Gauge("cascade_rt_requests_running", "requests in a batch that is running", registry=r)
         self.ready = Gauge("cascade_rt_ready", "1 once weights are loaded and warm-up is done", registry=r)
         self.batch_size = Histogram("cascade_rt_batch_size_images", "images per model batch", registry=r,
-                                    buckets=tuple(range(1, max_batch + 1)))  # fmt: skip
+                                    buckets=tuple(range(1, max_batch + 1)))
         self.batches = Counter("cascade_rt_batches", "model batches run, by outcome", ["outcome"], registry=r)
         self.stage_seconds = Histogram("cascade_rt_stage_seconds", "seconds per stage per batch", ["stage"],
-                                       registry=r, buckets=LATENCY_BUCKETS)  # fmt: skip
+                                       registry=r, buckets=LATENCY_BUCKETS)
         self.batch_seconds = Histogram("cascade_rt_batch_seconds", "seconds per model batch", registry=r,
-                                       buckets=LATENCY_BUCKETS)  # fmt: skip
+                                       buckets=LATENCY_BUCKETS)
         self.request_seconds = Histogram("cascade_rt_request_seconds", "end-to-end seconds per request",
-                                         ["endpoint"], registry=r, buckets=LATENCY_BUCKETS)  # fmt: skip
+                                         ["endpoint"], registry=r, buckets=LATENCY_BUCKETS)
         self.requests = Counter("cascade_rt_requests", "answered requests by endpoint and HTTP status",
-                                ["endpoint", "status"], registry=r)  # fmt: skip
+                                ["endpoint", "status"], registry=r)
 
     def observe_batch(self, images: int, outcome: Any, seconds: float) -> None:
         failed = isinstance(outcome, Exception)

@@ -56,7 +56,7 @@ def pipeline_loader(kwargs: Mapping[str, Any]) -> Callable[[], Any]:
 
 def build_app(pipeline: Mapping[str, Any] | Callable[[], Any], config: ServeConfig | None = None, *,
               num_replicas: int = 1, gpus_per_replica: float = 0.0, cpus_per_replica: float = 1.0,
-              autoscaling: Mapping[str, Any] | None = None, name: str = "CascadeRT"):  # fmt: skip
+              autoscaling: Mapping[str, Any] | None = None, name: str = "CascadeRT"):
     """A Ray Serve application: `pipeline` is `load_pipeline` keyword arguments (or a loader callable)."""
     # Ray routes to a replica once its constructor (the app start-up) returns: load before that
     config = dataclasses.replace(config or ServeConfig(), load_in_background=False)
@@ -99,13 +99,13 @@ def run_ray(args: Any, config: ServeConfig) -> int:
     if getattr(args, "split_stages", False):
         app = build_split_app(lambda: load_from_args(args), config, prior_replicas=args.replicas,
                               decoder_replicas=args.replicas, gpus_per_stage=gpus,
-                              cpus_per_replica=args.cpus_per_replica)  # fmt: skip
+                              cpus_per_replica=args.cpus_per_replica)
     else:
         autoscaling = None
         if args.max_replicas is not None and args.max_replicas > args.replicas:
             autoscaling = {"min_replicas": args.replicas, "max_replicas": args.max_replicas}
         app = build_app(lambda: load_from_args(args), config, num_replicas=args.replicas, gpus_per_replica=gpus,
-                        cpus_per_replica=args.cpus_per_replica, autoscaling=autoscaling)  # fmt: skip
+                        cpus_per_replica=args.cpus_per_replica, autoscaling=autoscaling)
     serve.run(app, name="cascade-rt", route_prefix="/")
     print(f"serving on http://{args.host}:{args.port} with {args.replicas} Ray Serve replica(s)", flush=True)
     stop = threading.Event()
@@ -182,7 +182,7 @@ class StageWorker:
 
 def build_split_app(pipeline: Mapping[str, Any] | Callable[[], Any], config: ServeConfig | None = None, *,
                     ingress_replicas: int = 1, prior_replicas: int = 1, decoder_replicas: int = 1,
-                    gpus_per_stage: float = 0.0, cpus_per_replica: float = 1.0, name: str = "CascadeRT"):  # fmt: skip
+                    gpus_per_stage: float = 0.0, cpus_per_replica: float = 1.0, name: str = "CascadeRT"):
     """Ingress + a Stage C deployment + a Stage B+A deployment. Each stage replica loads and warms the whole
     pipeline, then (on CUDA, resident memory) moves the other phase's weights to host memory."""
     config = dataclasses.replace(config or ServeConfig(), load_in_background=False)
@@ -197,7 +197,7 @@ def build_split_app(pipeline: Mapping[str, Any] | Callable[[], Any], config: Ser
         return create_app(lambda: _INGRESS["engine"], ingress_config, make_engine=lambda engine: engine)
 
     @serve.deployment(name=name, num_replicas=ingress_replicas, ray_actor_options={"num_cpus": cpus_per_replica},
-                      max_ongoing_requests=config.max_queue + config.max_batch)  # fmt: skip
+                      max_ongoing_requests=config.max_queue + config.max_batch)
     @serve.ingress(make_app)
     class CascadeRTSplit:
         def __init__(self, prior: Any, decoder: Any) -> None:

@@ -22,7 +22,7 @@ MAX_BODY_BYTES = MAX_IMAGE_BYTES * 4 // 3 + 2**20  # a base64 image at the limit
 
 
 def error_response(status: int, message: str, kind: str, param: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:  # fmt: skip
+                   headers: dict[str, str] | None = None) -> JSONResponse:
     body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -42,7 +42,7 @@ async def read_body(request: Request) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise RequestError(413, f"the body is {declared} bytes; the limit is {MAX_BODY_BYTES} (images up to "
-                                f"{MAX_IMAGE_BYTES} bytes)")  # fmt: skip
+                                f"{MAX_IMAGE_BYTES} bytes)")
     body = await request.body()
     if len(body) > MAX_BODY_BYTES:
         raise RequestError(413, f"the body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}")

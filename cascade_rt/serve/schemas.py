@@ -135,7 +135,7 @@ def parse_size(size: str | None, limits: Limits) -> tuple[int, int]:
         raise RequestError(
             400, f"size {size} is not served here: this server warmed {served} at start (restart it with "
             f"--sizes to add one)", "size",
-        )  # fmt: skip
+        )
     return height, width
 
 
@@ -157,7 +157,7 @@ def decode_image(data: bytes | str, param: str = "image") -> Image.Image:
 
 
 def parse_generation(data: Any, limits: Limits, *, mode: str = "text", image: Image.Image | None = None,
-                     native: bool = False, next_seed: Callable[[], int] | None = None) -> GenerationSpec:  # fmt: skip
+                     native: bool = False, next_seed: Callable[[], int] | None = None) -> GenerationSpec:
     """A JSON-like body -> a checked `GenerationSpec` (RequestError otherwise). A request without a seed gets
     `next_seed()` (the server's --seed sequence) or a random one."""
     if not isinstance(data, dict):
@@ -170,10 +170,10 @@ def parse_generation(data: Any, limits: Limits, *, mode: str = "text", image: Im
         raise RequestError(422, _reason(exc)) from None
     if body.response_format == "url":
         raise RequestError(400, "response_format 'url' is not supported: images are returned inline; use "
-                                "'b64_json'", "response_format")  # fmt: skip
+                                "'b64_json'", "response_format")
     if body.n > limits.max_batch:
         raise RequestError(400, f"n={body.n} is more than this server's largest batch ({limits.max_batch}); "
-                                f"ask for at most {limits.max_batch} images per request", "n")  # fmt: skip
+                                f"ask for at most {limits.max_batch} images per request", "n")
     if mode == "text" and not body.prompt.strip():
         raise RequestError(400, "prompt is empty; give a text prompt", "prompt")
     if native and body.image is not None:
@@ -181,16 +181,16 @@ def parse_generation(data: Any, limits: Limits, *, mode: str = "text", image: Im
     height, width = parse_size(body.size, limits)
     if mode == "image" and int(body.steps_c * body.strength) < 1:
         raise RequestError(400, f"steps_c * strength = {body.steps_c} * {body.strength} gives no Stage C step; "
-                                "raise either", "strength")  # fmt: skip
+                                "raise either", "strength")
     key = BatchKey(height, width, body.steps_c, body.steps_b, body.cfg_c, body.cfg_b, mode,
-                   body.strength if mode == "image" else 1.0)  # fmt: skip
+                   body.strength if mode == "image" else 1.0)
     if body.seed is not None:
         seed = body.seed
     else:
         seed = next_seed() if next_seed is not None else random.randrange(SEED_LIMIT)
     meta = {"prompt": body.prompt, "negative": body.negative_prompt, "seed": seed, "height": height,
             "width": width, "steps_c": body.steps_c, "steps_b": body.steps_b, "cfg_c": body.cfg_c,
-            "cfg_b": body.cfg_b, "mode": mode}  # fmt: skip
+            "cfg_b": body.cfg_b, "mode": mode}
     if mode == "image":
         meta["strength"] = body.strength
     return GenerationSpec(body.prompt, body.negative_prompt, body.n, seed, key, image, body.stream, meta)

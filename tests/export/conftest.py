@@ -10,7 +10,7 @@ import pytest
 from cascade_rt.cli import main
 
 TINY_EXPORT = ["export", "--stage", "all", "--format", "onnx", "--preset", "tiny", "--random-weights",
-               "--height", "256", "--width", "256"]  # fmt: skip
+               "--height", "256", "--width", "256"]
 
 
 @pytest.fixture(scope="session")

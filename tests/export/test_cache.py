@@ -175,7 +175,7 @@ def test_export_from_a_weights_folder_and_verify_notices_new_weights(tmp_path: P
     weights.mkdir()
     save_official(build_model("stage_a_tiny", seed=1), weights / "stage_a.safetensors")
     argv = ["export", "--stage", "a", "--format", "onnxruntime", "--weights", str(weights),
-            "--height", "256", "--width", "256", "--engine-dir", str(root)]  # fmt: skip
+            "--height", "256", "--width", "256", "--engine-dir", str(root)]
     assert main(argv) == 0
     rows = json.loads(capsys.readouterr().out)
     assert re.fullmatch(r"stage_a-stage_a_tiny-[0-9a-f]{10}-fp32-b1-256x256-onnxruntime\.onnx", rows[0]["engine"])

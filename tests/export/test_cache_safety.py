@@ -39,7 +39,7 @@ def built(previewer, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One static ONNX Runtime previewer engine (batch 1, 256x256), built once; tests copy the folder."""
     root = tmp_path_factory.mktemp("engines")
     EngineCache(root).ensure(EngineRequest("previewer", previewer.preset, "onnxruntime", "fp32",
-                                           previewer.weights_hash, D), previewer.model)  # fmt: skip
+                                           previewer.weights_hash, D), previewer.model)
     return root
 
 
@@ -239,12 +239,12 @@ def test_export_random_weights_builds_the_engine_generate_uses(tmp_path: Path, c
     from cascade_rt.runtime.api import load_pipeline
 
     argv = ["export", "--stage", "a", "--format", "onnxruntime", "--preset", "tiny", "--random-weights",
-            "--dynamic", "--dtype", "fp32", "--engine-dir", str(tmp_path)]  # fmt: skip
+            "--dynamic", "--dtype", "fp32", "--engine-dir", str(tmp_path)]
     assert main(argv) == 0
     capsys.readouterr()
     manifests = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.json")}
     load_pipeline(random_weights=True, preset="tiny", device="cpu", dtype=torch.float32, backend="a=onnxruntime",
-                  engine_dir=tmp_path)  # fmt: skip
+                  engine_dir=tmp_path)
     assert {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.json")} == manifests  # reused, not rebuilt
 
 

@@ -34,7 +34,7 @@ def test_full_size_specs_from_meta_models():
     c = spec_for("stage_c", "stage_c")  # 3.6B on the meta device: no memory
     assert c.shapes(Dims(1, 1024, 1024, cfg=True)) == {
         "x": (2, 16, 24, 24), "r": (2,), "cond_kv": (64, 2, 2, 85, 2048), "eps": (2, 16, 24, 24)
-    }  # fmt: skip
+    }
     b = spec_for("stage_b", "stage_b_lite")
     shapes = b.shapes(Dims(2, 1024, 1536, cfg=False))
     assert shapes["x"] == (2, 4, 256, 384) and shapes["x_add"] == (2, 320, 128, 192)
@@ -74,7 +74,7 @@ def test_bind_reads_symbols_and_rejects_wrong_shapes():
 
 def test_spec_json_roundtrip():
     pairs = [("stage_c", "stage_c_tiny"), ("stage_b_cond", "stage_b_tiny"), ("previewer", "previewer_tiny"),
-             ("text", "text_tiny")]  # fmt: skip
+             ("text", "text_tiny")]
     for stage, preset in pairs:
         spec = spec_for(stage, preset)
         assert StageSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec

@@ -58,7 +58,8 @@ def test_prepare_bf16_stage_b_for_strongly_typed_tensorrt(bf16_stage_b: Path):
 
 
 def test_exported_resizes_are_already_fp32(bf16_stage_b: Path):
-    """Our models interpolate in fp32 (docs/reference.md §6.2), so bf16 graphs carry no bf16 Resize for TensorRT to reject."""
+    """Our models interpolate in fp32 (docs/reference.md §6.2), so bf16 graphs carry no bf16 Resize for TensorRT
+    to reject."""
     src = next(bf16_stage_b.glob("stage_b_cond-*.onnx"))
     model = onnx.load(str(src), load_external_data=False)
     types = value_types(model)
@@ -73,7 +74,7 @@ def test_resize_rewrite_keeps_numerics():
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 3, 10, 14])
     sizes = helper.make_tensor("sizes", TensorProto.INT64, [4], [1, 3, 10, 14])
     node = helper.make_node("Resize", ["x", "", "", "sizes"], ["y"], mode="linear",
-                            coordinate_transformation_mode="align_corners", name="up")  # fmt: skip
+                            coordinate_transformation_mode="align_corners", name="up")
     graph = helper.make_graph([node], "g", [x], [y], initializer=[sizes])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
     before = model.SerializeToString()

@@ -15,7 +15,9 @@ def test_shape_tables_match_the_real_stages():
     assert (cases[("attention", "b-l2")].heads, cases[("attention", "b-l2")].cond_tokens) == (20, 4)
     assert ("attention", "b-l0") not in cases and ("attention", "b-l1") not in cases  # nhead -1 levels
     assert (cases[("layernorm_modulate", "a-l0")].h, cases[("layernorm_modulate", "a-l0")].c) == (256, 384)
-    assert (cases[("dwconv_replicate_residual", "a-l1")].h, cases[("dwconv_replicate_residual", "a-l1")].c) == (512, 192)
+    assert (
+        cases[("dwconv_replicate_residual", "a-l1")].h, cases[("dwconv_replicate_residual", "a-l1")].c
+    ) == (512, 192)
     assert all(c.c // max(c.heads, 1) == 64 for c in cases.values() if c.op == "attention")
 
 
@@ -39,6 +41,8 @@ def test_each_case_runs_its_kernel_and_reference(op, device):
     case = bk.KernelCase(op, "tiny", 1, 3, 4, 64, heads, 5 if heads else 0)
     fn, ref, args, kwargs, nbytes, flops = bk._inputs(case, device, torch.float32)
     out, expected = fn(*args, **kwargs), ref(*args, **kwargs)
-    for o, e in zip(out if isinstance(out, tuple) else (out,), expected if isinstance(expected, tuple) else (expected,)):
+    for o, e in zip(
+        out if isinstance(out, tuple) else (out,), expected if isinstance(expected, tuple) else (expected,)
+    ):
         torch.testing.assert_close(o, e, atol=1e-4, rtol=1e-4)
     assert nbytes > 0 and (flops > 0) == (op == "attention")

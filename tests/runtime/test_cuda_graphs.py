@@ -20,12 +20,14 @@ SETTINGS = dict(steps=4, cfg=4.0, shift=2.0)
 
 
 def _eager(model, x, cond, uncond, seed=7, **kw):
-    return sample_stage(model.denoise, x, cond, uncond, generator=torch.Generator().manual_seed(seed), **{**SETTINGS, **kw})
+    return sample_stage(
+        model.denoise, x, cond, uncond, generator=torch.Generator().manual_seed(seed), **{**SETTINGS, **kw}
+    )
 
 
 def _graphed(sampler, model, x, cond, uncond, seed=7, **kw):
     return sampler.sample_stage(model.denoise, x, cond, uncond, generator=torch.Generator().manual_seed(seed),
-                                **{**SETTINGS, **kw})  # fmt: skip
+                                **{**SETTINGS, **kw})
 
 
 # ------------------------------------------------------------------------------------------ keys
@@ -36,7 +38,9 @@ def test_graph_key_is_a_frozen_hashable_shape_descriptor():
     assert key == GraphKey("c", 2, 24, 24, torch.bfloat16) and len({key, GraphKey("c", 2, 24, 24, torch.bfloat16)}) == 1
     assert key.model_batch == 4 and dataclasses.replace(key, guided=False).model_batch == 2
     keys = [GraphKey("b", 1, 128, 128, torch.bfloat16), GraphKey("b", 2, 256, 256, torch.bfloat16), key]
-    assert [k.size for k in sorted(keys, key=lambda k: k.size, reverse=True)] == [2 * 2 * 256 * 256, 2 * 128 * 128, 4 * 24 * 24]
+    assert [k.size for k in sorted(keys, key=lambda k: k.size, reverse=True)] == [
+        2 * 2 * 256 * 256, 2 * 128 * 128, 4 * 24 * 24
+    ]
 
 
 def test_key_for_reads_shape_dtype_and_settings(tiny_c, c_inputs):
@@ -70,7 +74,9 @@ def test_static_step_equals_sample_stage_stage_c(tiny_c, c_inputs, kw):
     # a second run reuses the same buffers and still equals eager (a different seed, same key)
     entry = next(iter(sampler.entries.values()))
     before = entry.static.addresses()
-    assert torch.equal(_graphed(sampler, tiny_c, x, cond, uncond, seed=8, **kw), _eager(tiny_c, x, cond, uncond, seed=8, **kw))
+    assert torch.equal(
+        _graphed(sampler, tiny_c, x, cond, uncond, seed=8, **kw), _eager(tiny_c, x, cond, uncond, seed=8, **kw)
+    )
     assert entry.static.addresses() == before and len(sampler.entries) == 1
 
 
@@ -189,11 +195,11 @@ def test_gpu_graph_replay_equals_eager(dtype, whole_loop, c_inputs, b_inputs):
     models = _gpu_models(dtype)
     pool = torch.cuda.graph_pool_handle()
     cases = {"c": (c_inputs(models["c"], 2, 24, device="cuda"), dict(steps=20, cfg=4.0, shift=2.0)),
-             "b": (b_inputs(models["b"], 1, 64, device="cuda"), dict(steps=10, cfg=1.1, shift=1.0))}  # fmt: skip
+             "b": (b_inputs(models["b"], 1, 64, device="cuda"), dict(steps=10, cfg=1.1, shift=1.0))}
     for stage, ((x, cond, uncond), kw) in cases.items():
         model = models[stage]
         sampler = GraphedSampler(stage, pool=pool, whole_loop=whole_loop, debug=True,
-                                 weights=lambda m=model: list(m.parameters()))  # fmt: skip
+                                 weights=lambda m=model: list(m.parameters()))
         for seed in (1, 2):  # capture on the first call, replay on the second
             ref = _eager(model, x, cond, uncond, seed=seed, **kw)
             out = _graphed(sampler, model, x, cond, uncond, seed=seed, **kw)
@@ -233,7 +239,9 @@ def test_gpu_graphs_capture_compile_and_triton_stages(backend, c_inputs):
     ref = _eager(ref_model, x, cond, uncond)
     sampler = GraphedSampler("c", debug=True, weights=lambda: list(model.parameters()))
     for _ in range(2):
-        out = sampler.sample_stage(runner.denoise, x, cond, uncond, generator=torch.Generator().manual_seed(7), **SETTINGS)
+        out = sampler.sample_stage(
+            runner.denoise, x, cond, uncond, generator=torch.Generator().manual_seed(7), **SETTINGS
+        )
     assert sampler.stats["captures"] == 1 and sampler.stats["fallbacks"] == 0
     rel = ((out - ref).abs().max() / ref.abs().max()).item()
     assert rel <= 10 * runner.tolerance.bf16, rel
@@ -255,7 +263,7 @@ def test_gpu_uncapturable_step_falls_back_once(c_inputs, caplog):
     stream = torch.cuda.current_stream()
     with caplog.at_level(logging.WARNING):
         outs = [sampler.sample_stage(host_reading, x, cond, uncond, generator=torch.Generator().manual_seed(7),
-                                     **SETTINGS) for _ in range(2)]  # fmt: skip
+                                     **SETTINGS) for _ in range(2)]
     assert torch.cuda.current_stream() == stream  # the failed capture left the caller's stream current
     ref = _eager(model, x, cond, uncond)
     assert all(torch.allclose(o, ref, atol=1e-5) for o in outs)

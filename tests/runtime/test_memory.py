@@ -50,13 +50,14 @@ def _run(model, stage, g):
     with torch.inference_mode():  # as the pipeline runs
         if stage == "c":
             cond = model.prepare_conditioning(torch.randn(2, 77, dims["text_hidden"], generator=g),
-                                              torch.randn(2, 1, dims["text_pooled"], generator=g), torch.zeros(2, 1, dims["image"]))
+                                              torch.randn(2, 1, dims["text_pooled"], generator=g),
+                                              torch.zeros(2, 1, dims["image"]))
             return model.denoise(torch.randn(2, 16, 4, 4, generator=g), r, **cond)
         if stage == "b":
             cond = model.prepare_conditioning(torch.randn(2, 16, 4, 4, generator=g),
                                               torch.randn(2, 1, dims["text_pooled"], generator=g), latent_hw=(16, 16))
             return model.denoise(torch.randn(2, 4, 16, 16, generator=g), r, **cond)
-        return model.decode(torch.randn(1, 4, 8, 8, generator=g))  # fmt: skip
+        return model.decode(torch.randn(1, 4, 8, 8, generator=g))
 
 
 @pytest.mark.parametrize("stage", ["c", "b", "a"])
@@ -109,7 +110,10 @@ def test_edge_preset_fits_in_8_gb_at_1024(edge_estimate):
 
 
 def test_memory_modes_order_their_peaks(edge_estimate):
-    peaks = {m: MemoryEstimate(m, 1024, 1024, 1, edge_estimate.stages).peak_allocated for m in ("resident", "sequential", "offload")}
+    peaks = {
+        m: MemoryEstimate(m, 1024, 1024, 1, edge_estimate.stages).peak_allocated
+        for m in ("resident", "sequential", "offload")
+    }
     weights = sum(s.weight_bytes for s in edge_estimate.stages.values())
     assert peaks["offload"] < peaks["sequential"] < peaks["resident"]
     assert peaks["resident"] > weights  # everything resident + the largest activation peak

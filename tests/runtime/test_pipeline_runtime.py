@@ -135,7 +135,7 @@ def test_cli_generate_with_mixed_backends(tmp_path, engine_dir, reference):
     out = tmp_path / "out.png"
     args = ["generate", "a cat", "--random-weights", "--preset", "tiny", "--device", "cpu",
             "--height", "256", "--width", "256", "--steps-c", "3", "--steps-b", "1", "--seed", "4",
-            "--backend", "c=onnxruntime,b=triton,a=eager", "--engine-dir", str(engine_dir), "-o", str(out)]  # fmt: skip
+            "--backend", "c=onnxruntime,b=triton,a=eager", "--engine-dir", str(engine_dir), "-o", str(out)]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["OMP_NUM_THREADS"] = "1"
     res = subprocess.run([sys.executable, "-m", "cascade_rt.cli", *args], env=env, capture_output=True, text=True)
@@ -159,7 +159,7 @@ def test_cli_generate_with_mixed_backends(tmp_path, engine_dir, reference):
 def test_gpu_pipeline_with_graphs_equals_eager_and_overlap():
     pipe = cascade_rt.load_pipeline(random_weights=True, preset="tiny", device="cuda", dtype=torch.bfloat16)
     eager = cascade_rt.load_pipeline(random_weights=True, preset="tiny", device="cuda", dtype=torch.bfloat16,
-                                     cuda_graphs=False)  # fmt: skip
+                                     cuda_graphs=False)
     kw = dict(height=512, width=512, steps_c=20, steps_b=10)
     for seed in (0, 1):
         out, ref = pipe("a cat", seed=seed, **kw), eager("a cat", seed=seed, **kw)

@@ -19,7 +19,7 @@ def generate(url: str, body: dict) -> httpx.Response:
 
 def pixels(response: httpx.Response) -> list[np.ndarray]:
     return [np.asarray(Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))), dtype=np.float64)
-            for d in response.json()["data"]]  # fmt: skip
+            for d in response.json()["data"]]
 
 
 def test_concurrent_requests_share_batches_and_match_one_by_one(server):
@@ -32,7 +32,7 @@ def test_concurrent_requests_share_batches_and_match_one_by_one(server):
     # 6 images, max_batch 4, max_wait 300 ms: at least two requests shared a batch (fewer batches than requests)
     assert 2 <= batches < len(bodies), batches
     refs = [server.pipe(b["prompt"], images_per_prompt=b["n"], seed=b["seed"], height=256, width=256, **FAST)
-            for b in bodies]  # fmt: skip
+            for b in bodies]
     for body, response, ref in zip(bodies, responses, refs):
         got = pixels(response)
         assert len(got) == body["n"]

@@ -11,7 +11,7 @@ def test_bench_serve_writes_rows_report_and_plot(tmp_path):
     out = tmp_path / "bench"
     code = main(["bench-serve", "--random-weights", "--preset", "tiny", "--dtype", "fp32", "--device", "cpu",
                  "--concurrency", "1,3", "--max-wait-ms", "0,200", "--requests", "3", "--max-batch", "3",
-                 "--steps-c", "1", "--steps-b", "1", "--out", str(out)])  # fmt: skip
+                 "--steps-c", "1", "--steps-b", "1", "--out", str(out)])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     rows = results["rows"]

@@ -22,7 +22,7 @@ def test_serve_command_readiness_and_graceful_sigterm(tmp_path):
         [sys.executable, "-m", "cascade_rt.cli", "serve", "--random-weights", "--preset", "tiny", "--dtype", "fp32",
          "--port", str(port), "--warmup-steps", "0", "--max-batch", "1", "--seed", "7"],
         stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    )
     try:
         seen_loading, end = False, time.monotonic() + 90
         while time.monotonic() < end:

@@ -27,7 +27,7 @@ def ray_url():
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         config = ServeConfig(sizes=((256, 256),), max_batch=2, max_wait_ms=20, warmup_steps=0, random_weights=True)
         app = build_app({"random_weights": True, "preset": "tiny", "device": "cpu", "dtype": "float32"}, config,
-                        num_replicas=2, cpus_per_replica=1)  # fmt: skip
+                        num_replicas=2, cpus_per_replica=1)
         serve.run(app, name="cascade-rt", route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -37,7 +37,7 @@ def ray_url():
 
 def replicas() -> list[str]:
     return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                  if a["name"].startswith("SERVE_REPLICA::"))  # fmt: skip
+                  if a["name"].startswith("SERVE_REPLICA::"))
 
 
 def generate(url: str, seed: int) -> httpx.Response:
@@ -109,10 +109,10 @@ def test_split_stage_c_and_stage_ba_deployments_compose_one_request_path(ray_url
 
     config = ServeConfig(sizes=((256, 256),), max_batch=2, max_wait_ms=20, warmup_steps=0, random_weights=True)
     app = build_split_app({"random_weights": True, "preset": "tiny", "device": "cpu", "dtype": "float32"}, config,
-                          cpus_per_replica=0.5, name="Split")  # fmt: skip
+                          cpus_per_replica=0.5, name="Split")
     serve.run(app, name="split", route_prefix="/split")
     names = {a["name"].split("#")[1] for a in ray.util.list_named_actors(all_namespaces=True)
-             if a["name"].startswith("SERVE_REPLICA::split#")}  # fmt: skip
+             if a["name"].startswith("SERVE_REPLICA::split#")}
     assert names == {"Split", "SplitStageC", "SplitStageBA"}
     body = {"prompt": "a kite", "n": 2, "seed": 21, **FAST}
     r = httpx.post(f"{ray_url}/split/v1/images/generations", json=body, timeout=120)

@@ -432,14 +432,15 @@ def prepare_control(
     resize_image) to 32x the Stage C latent grid, so the EfficientNetV2 features have that grid.
     """
     control_kind(kind)
-    device = torch.device(device) if device is not None else next(controlnet.parameters()).device
-    pixels = control_image_tensor(image).to(device)
+    here = next(controlnet.parameters()).device  # the ControlNet's device (it may differ in memory modes)
+    device = torch.device(device) if device is not None else here
+    pixels = control_image_tensor(image).to(here)
     size = [32 * int(s) for s in latent_hw]
     if kind == "inpainting":
         if mask is not None:
-            m = mask_from_image(mask, pixels.shape[-2:]).to(device)
+            m = mask_from_image(mask, pixels.shape[-2:]).to(here)
         elif saliency is not None:
-            m = saliency_mask(pixels, saliency.to(device), threshold, outpaint)
+            m = saliency_mask(pixels, saliency.to(here), threshold, outpaint)
         else:
             raise ConfigError("inpainting needs a mask (--mask, white = repaint) or the official saliency model "
                               "(--saliency-model saliency_model.pt) to make one")  # fmt: skip
@@ -448,13 +449,14 @@ def prepare_control(
         control = inpaint_filter(pixels, m)
     elif kind == "canny":
         pixels = F.interpolate(pixels, size=size, mode="bilinear", antialias=True).clamp(0, 1)
-        control = canny_filter(pixels).to(device)
+        control = canny_filter(pixels).to(here)
     else:
         if effnet is None:
             raise ConfigError("the sr ControlNet needs the EfficientNet encoder; this pipeline has none")
-        control = sr_control_input(pixels, effnet, latent_hw)
+        effnet_device = next(effnet.parameters()).device
+        control = sr_control_input(pixels.to(effnet_device), effnet, latent_hw).to(here)
     with torch.inference_mode():
-        projections = controlnet.projections_of(control.to(device))
+        projections = controlnet.projections_of(control)
     out: list[Tensor | None] = [None] * (max(controlnet.proj_blocks) + 1)
     for idx, p in zip(controlnet.proj_blocks, projections):
         p = interpolate_fp32(p, tuple(latent_hw), dtype or p.dtype) * strength
@@ -462,5 +464,5 @@ def prepare_control(
             if batch % p.shape[0]:
                 raise ConfigError(f"got {p.shape[0]} control images for a batch of {batch}; give 1 or {batch}")
             p = p.repeat_interleave(batch // p.shape[0], dim=0)
-        out[idx] = p
+        out[idx] = p.to(device)
     return {"cnet": out}

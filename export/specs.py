@@ -43,9 +43,12 @@ GRAPHS = tuple(GRAPH_COMPONENT)  # every exportable graph (a stage's denoiser, i
 CFG_STAGES = ("text", "stage_c_cond", "stage_c", "stage_b_cond", "stage_b", "stage_c_cnet")  # CFG doubles their batch
 
 
+VARIANTS = ("stage_c_cnet",)  # exported only for a pipeline that loads a ControlNet, never by `--stage all`
+
+
 def component_graphs(component: str) -> tuple[str, ...]:
     """The graphs exported for a component: 'c' -> ('stage_c_cond', 'stage_c'), 'a' -> ('stage_a',)."""
-    return tuple(g for g, c in GRAPH_COMPONENT.items() if c == component)
+    return tuple(g for g, c in GRAPH_COMPONENT.items() if c == component and g not in VARIANTS)
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 INT_DTYPES = {"int64": torch.int64, "int32": torch.int32, "float32": torch.float32}
 

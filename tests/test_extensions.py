@@ -1,0 +1,144 @@
+"""LoRA + ControlNet through load_pipeline and the CLI (tiny random models): the wiring equals a pipeline with the
+official LoRA parametrization and the ControlNet's projections; compile / onnxruntime / aoti agree with eager; the
+engine cache keys on the LoRA; switching LoRAs is an in-place weight swap."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import cascade_rt
+from cascade_rt.cli import main
+from cascade_rt.errors import ConfigError
+from cascade_rt.extensions import Extensions, parse_lora, switch_loras
+from cascade_rt.models.controlnet import build_controlnet
+from cascade_rt.models.lora import attach_official, load_lora, random_lora, save_lora
+from cascade_rt.pipeline import build_random_pipeline
+from cascade_rt.runtime import relative_error
+
+FAST = dict(height=256, width=256, steps_c=2, steps_b=1)
+# fp32, tiny, 2 Stage C steps: measured ~2e-5 (Stage C latent) for compile, aoti and onnxruntime
+BACKEND_TOLERANCE_FP32 = 1e-3
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ext")
+    stage_c = build_random_pipeline("tiny", dtype=torch.float32).stage_c
+    loras = [save_lora(random_lora(stage_c, seed=s, std=0.2), root / f"lora{s}.safetensors") for s in (1, 2)]
+    gen = torch.Generator().manual_seed(0)
+    image = root / "control.png"
+    Image.fromarray((torch.rand(256, 256, 3, generator=gen) * 255).byte().numpy()).save(image)
+    mask = Image.new("L", (256, 256), 0)
+    mask.paste(255, (64, 64, 192, 160))
+    mask.save(root / "mask.png")
+    return {"lora": loras, "image": image, "mask": root / "mask.png", "root": root}
+
+
+def _load(**kw):
+    return cascade_rt.load_pipeline(random_weights=True, preset="tiny", device="cpu", dtype=torch.float32, **kw)
+
+
+def _control(files):
+    return dict(control_image=Image.open(files["image"]).convert("RGB"), mask=Image.open(files["mask"]))
+
+
+def test_parse_lora():
+    assert parse_lora("a/b.safetensors") == parse_lora(("a/b.safetensors",))
+    assert parse_lora("a/b.safetensors:0.5").scale == 0.5 and parse_lora("c:/x.st:-1").path == "c:/x.st"
+    assert parse_lora("weird:name.safetensors").path == "weird:name.safetensors"
+
+
+@torch.no_grad()
+def test_pipeline_equals_official_lora_and_controlnet(files):
+    pipe = _load(lora=[f"{files['lora'][0]}:0.7", str(files["lora"][1])], controlnet="inpainting")
+    out = pipe("a cat", seed=5, control_strength=0.8, **_control(files), **FAST)
+    # reference: the official parametrization on a fresh eager pipeline, the same (seeded) ControlNet
+    ref = build_random_pipeline("tiny", dtype=torch.float32)
+    loras = [load_lora(files["lora"][0], ref.stage_c, scale=0.7), load_lora(files["lora"][1], ref.stage_c)]
+    attach_official(ref.stage_c, loras)
+    ref.extensions = Extensions(controlnet=build_controlnet("inpainting", ref.stage_c, seed=7), control="inpainting")
+    want = ref("a cat", seed=5, control_strength=0.8, **_control(files), **FAST)
+    assert torch.equal(out.stage_c_latent, want.stage_c_latent) and torch.equal(out.pixels, want.pixels)
+    plain = build_random_pipeline("tiny", dtype=torch.float32)("a cat", seed=5, **FAST)
+    assert relative_error(out.stage_c_latent, plain.stage_c_latent) > 0.05  # both extensions change the image
+    assert pipe.extensions.describe()["lora"][0]["scale"] == 0.7
+    assert pipe.extensions.describe()["controlnet"] == {"kind": "inpainting", "blocks": [0, 5], "file": "random:seed=7"}
+
+
+def test_bad_control_requests(files):
+    pipe = _load()
+    with pytest.raises(ConfigError, match="control image needs a ControlNet"):
+        pipe("a cat", control_image=Image.open(files["image"]), **FAST)
+    canny = _load(controlnet="sr")
+    with pytest.raises(ConfigError, match="mask is only used by the inpainting ControlNet"):
+        canny("a cat", **_control(files), **FAST)
+    with pytest.raises(ConfigError, match="needs its checkpoint: --controlnet-weights canny.safetensors"):
+        from cascade_rt.extensions import attach_extensions
+
+        attach_extensions(build_random_pipeline("tiny"), controlnet="canny", random_weights=False)
+
+
+@torch.no_grad()
+def test_switch_loras_in_place_is_exact(files):
+    pipe = _load(lora=[str(files["lora"][0])])
+    base = _load()
+    stage_c = pipe.runners["c"].model
+    ptrs = [p.data_ptr() for p in stage_c.parameters()]
+    first = pipe("a cat", seed=1, **FAST).stage_c_latent
+    seconds = switch_loras(pipe, [f"{files['lora'][1]}:0.5"])
+    assert seconds >= 0 and pipe.extensions.switch_seconds[-1] == seconds
+    assert not torch.equal(pipe("a cat", seed=1, **FAST).stage_c_latent, first)
+    switch_loras(pipe, [str(files["lora"][0])])
+    assert torch.equal(pipe("a cat", seed=1, **FAST).stage_c_latent, first)
+    switch_loras(pipe, [])
+    assert torch.equal(pipe("a cat", seed=1, **FAST).stage_c_latent, base("a cat", seed=1, **FAST).stage_c_latent)
+    assert [p.data_ptr() for p in stage_c.parameters()] == ptrs
+
+
+def _cli(files, out, backend, engine_dir, *extra):
+    args = ["generate", "a cat", "--random-weights", "--preset", "tiny", "--device", "cpu", "--dtype", "fp32",
+            "--height", "256", "--width", "256", "--steps-c", "2", "--steps-b", "1", "--seed", "4",
+            "--lora", f"{files['lora'][0]}:0.8", "--controlnet", "inpainting", "--control-image", str(files["image"]),
+            "--mask", str(files["mask"]), "--control-strength", "0.9", "--backend", f"c={backend}",
+            "--engine-dir", str(engine_dir), "-o", str(out), *extra]  # fmt: skip
+    assert main(args) == 0
+    return np.asarray(Image.open(out), dtype=np.int16), json.loads(Image.open(out).text["cascade-rt"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["onnxruntime", "compile", "aoti"])
+def test_cli_lora_controlnet_backends_agree_with_eager(files, tmp_path, backend):
+    eager, meta = _cli(files, tmp_path / "eager.png", "eager", tmp_path / "engines")
+    assert meta["extensions"]["lora"][0]["scale"] == 0.8 and meta["control_strength"] == 0.9
+    got, _ = _cli(files, tmp_path / f"{backend}.png", backend, tmp_path / "engines")
+    assert np.abs(got - eager).max() <= 2, np.abs(got - eager).max()  # 8-bit pixels; ~2e-5 in the latent
+    if backend != "compile":  # the engine's name and manifest carry the LoRA and the ControlNet
+        manifests = [json.loads(p.read_text()) for p in (tmp_path / "engines").glob("stage_c_cnet-*.json")]
+        assert len(manifests) == 1 and "-ext-" in manifests[0]["engine_file"]
+        ext = manifests[0]["extensions"]
+        assert ext["lora"][0]["file"] == str(files["lora"][0]) and ext["lora"][0]["scale"] == 0.8
+        assert ext["controlnet"]["blocks"] == [0, 5]
+
+
+@pytest.mark.slow
+def test_engine_cache_keys_on_the_lora(files, tmp_path):
+    """Another scale or file: another engine (never a stale one); the same: reused. No control image on a
+    ControlNet engine: zero projections, i.e. the plain LoRA model."""
+    kw = dict(backend="c=onnxruntime", engine_dir=tmp_path, engine_shapes=((1, 256, 256),), controlnet="inpainting")
+    a = _load(lora=[f"{files['lora'][0]}:0.8"], **kw)
+    _load(lora=[f"{files['lora'][0]}:0.8"], **kw)  # reused
+    b = _load(lora=[f"{files['lora'][0]}:0.5"], **kw)
+    names = sorted(p.name for p in tmp_path.glob("stage_c_cnet-*.json"))
+    assert len(names) == 2
+    out_a, out_b = a("a cat", seed=2, **FAST), b("a cat", seed=2, **FAST)
+    for out, scale in ((out_a, 0.8), (out_b, 0.5)):
+        eager = _load(lora=[f"{files['lora'][0]}:{scale}"])("a cat", seed=2, **FAST)
+        assert relative_error(out.stage_c_latent, eager.stage_c_latent) <= BACKEND_TOLERANCE_FP32
+    assert relative_error(out_a.stage_c_latent, out_b.stage_c_latent) > 5 * BACKEND_TOLERANCE_FP32
+    with pytest.raises(ConfigError, match="baked in"):
+        switch_loras(a, [])

@@ -5,6 +5,7 @@ engine cache keys on the LoRA; switching LoRAs is an in-place weight swap."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -142,3 +143,15 @@ def test_engine_cache_keys_on_the_lora(files, tmp_path):
     assert relative_error(out_a.stage_c_latent, out_b.stage_c_latent) > 5 * BACKEND_TOLERANCE_FP32
     with pytest.raises(ConfigError, match="baked in"):
         switch_loras(a, [])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1",
+    reason="runs the triton backend on the CPU through Triton's interpreter (TRITON_INTERPRET=1 is not set)",
+)
+def test_triton_backend_with_lora_and_controlnet(files):
+    kw = dict(lora=[f"{files['lora'][0]}:0.8"], controlnet="inpainting")
+    out = _load(backend="c=triton", **kw)("a cat", seed=6, **_control(files), **FAST)
+    ref = _load(**kw)("a cat", seed=6, **_control(files), **FAST)
+    assert relative_error(out.stage_c_latent, ref.stage_c_latent) <= BACKEND_TOLERANCE_FP32  # measured ~6e-7

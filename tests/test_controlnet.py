@@ -277,3 +277,31 @@ def test_controlnet_that_does_not_fit(stage_c, tmp_path, save_official):
         load_controlnet(save_official(stage_c, tmp_path / "c.safetensors"), "canny", stage_c)
     with pytest.raises(ConfigError, match="identity needs insightface"):
         build_controlnet("identity", stage_c)
+
+
+@torch.no_grad()
+def test_saliency_mask_from_the_official_model_file(tmp_path, gen):
+    """Inpainting without a mask: the official saliency model (MicroResNet, a .pt state dict) and the official
+    InpaintFilter steps: resize to 240 (short side), > threshold, [invert], nearest, gaussian_blur(141) > 0.5."""
+    import torchvision.transforms.functional as TF
+
+    from cascade_rt.models.controlnet import MicroResNet, load_saliency_model, saliency_mask
+
+    torch.manual_seed(0)
+    model = MicroResNet().eval()
+    for p in model.parameters():  # (under no_grad)
+        p.normal_(0, 0.3)
+    torch.save(model.state_dict(), tmp_path / "saliency_model.pt")
+    loaded = load_saliency_model(tmp_path / "saliency_model.pt")
+    images = torch.rand(1, 3, 320, 256, generator=gen)
+    small = TF.resize(images, 240, antialias=True)
+    threshold = float(model(small).median())  # random weights: a threshold that splits the image
+    for outpaint in (False, True):
+        sal = model(small) > threshold
+        sal = ~sal if outpaint else sal
+        want = TF.gaussian_blur(nn.functional.interpolate(sal.float(), size=(320, 256), mode="nearest"), 141) > 0.5
+        got = saliency_mask(images, loaded, threshold, outpaint)
+        assert got.shape == (1, 1, 320, 256) and torch.equal(got, want) and 0.1 < got.float().mean() < 0.9
+    with pytest.raises(WeightsError, match="not the official inpainting saliency model"):
+        torch.save({"x": torch.zeros(1)}, tmp_path / "other.pt")
+        load_saliency_model(tmp_path / "other.pt")

@@ -76,9 +76,8 @@ class Extensions:
         out: dict[str, Any] = {}
         if self.loras is not None and self.loras.loras:
             out["lora"] = self.loras.describe()
-        if self.controlnet is not None:
-            out["controlnet"] = {"kind": self.control, "blocks": list(self.controlnet.proj_blocks),
-                                 "file": self.controlnet_source}  # fmt: skip
+        if self.controlnet is not None:  # the engine takes its projections: kind and blocks (its weights run eagerly)
+            out["controlnet"] = {"kind": self.control, "blocks": list(self.controlnet.proj_blocks)}
         return out
 
 

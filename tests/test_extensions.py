@@ -68,7 +68,8 @@ def test_pipeline_equals_official_lora_and_controlnet(files):
     plain = build_random_pipeline("tiny", dtype=torch.float32)("a cat", seed=5, **FAST)
     assert relative_error(out.stage_c_latent, plain.stage_c_latent) > 0.05  # both extensions change the image
     assert pipe.extensions.describe()["lora"][0]["scale"] == 0.7
-    assert pipe.extensions.describe()["controlnet"] == {"kind": "inpainting", "blocks": [0, 5], "file": "random:seed=7"}
+    assert pipe.extensions.describe()["controlnet"] == {"kind": "inpainting", "blocks": [0, 5]}
+    assert pipe.extensions.controlnet_source == "random:seed=7"
 
 
 def test_bad_control_requests(files):
@@ -155,3 +156,27 @@ def test_triton_backend_with_lora_and_controlnet(files):
     out = _load(backend="c=triton", **kw)("a cat", seed=6, **_control(files), **FAST)
     ref = _load(**kw)("a cat", seed=6, **_control(files), **FAST)
     assert relative_error(out.stage_c_latent, ref.stage_c_latent) <= BACKEND_TOLERANCE_FP32  # measured ~6e-7
+
+
+@pytest.mark.slow
+def test_export_cli_with_lora_and_controlnet_is_what_the_runtime_reuses(files, tmp_path):
+    """`cascade-rt export --lora --controlnet` builds stage_c_cond, stage_c and the stage_c_cnet variant with the
+    LoRA merged; load_pipeline with the same LoRA and ControlNet (same seeded weights) reuses the variant."""
+    lora = f"{files['lora'][0]}:0.8"
+    argv = ["export", "--stage", "c", "--format", "onnxruntime", "--preset", "tiny", "--random-weights", "--seed",
+            "2", "--lora", lora, "--controlnet", "inpainting", "--dynamic", "--height", "256", "--width", "256",
+            "--engine-dir", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0  # seed 2 = the runtime's random Stage C (build_random_pipeline: seed + 2)
+    manifests = {p.name.split("-")[0]: p for p in tmp_path.glob("*.json")}
+    assert set(manifests) == {"stage_c_cond", "stage_c", "stage_c_cnet"}
+    cnet = json.loads(manifests["stage_c_cnet"].read_text())
+    assert cnet["extensions"]["controlnet"] == {"kind": "inpainting", "blocks": [0, 5]}
+    assert cnet["extensions"]["lora"][0]["scale"] == 0.8 and "cnet" in [t["name"] for t in cnet["spec"]["inputs"]]
+    assert json.loads(manifests["stage_c"].read_text())["extensions"].keys() == {"lora"}
+    stamp = manifests["stage_c_cnet"].stat().st_mtime_ns
+    pipe = _load(backend="c=onnxruntime", engine_dir=tmp_path, engine_shapes=((1, 256, 256),), lora=[lora],
+                 controlnet="inpainting")  # fmt: skip
+    assert manifests["stage_c_cnet"].stat().st_mtime_ns == stamp  # reused, not rebuilt
+    out = pipe("a cat", seed=3, **_control(files), **FAST)
+    ref = _load(lora=[lora], controlnet="inpainting")("a cat", seed=3, **_control(files), **FAST)
+    assert relative_error(out.stage_c_latent, ref.stage_c_latent) <= BACKEND_TOLERANCE_FP32

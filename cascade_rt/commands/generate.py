@@ -312,7 +312,7 @@ def run(args: argparse.Namespace) -> int:
     if args.random_weights:
         meta["preset"] = args.preset
     if pipe.extensions is not None:
-        meta["extensions"] = pipe.extensions.describe()
+        meta["extensions"] = {**pipe.extensions.describe(), "controlnet_file": pipe.extensions.controlnet_source}
         meta["control_strength"] = args.control_strength if args.controlnet else None
     paths = save_images(out.images, args.output, meta, args.random_weights)
     if out.previews:

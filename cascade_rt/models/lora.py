@@ -187,7 +187,7 @@ def _read(path_or_state: str | Path | Mapping[str, Tensor]) -> tuple[dict[str, T
         raise WeightsError(f"LoRA file {path} does not exist; pass the path of a LoRA .safetensors file")
     with open_checkpoint(path) as source:
         state = {k: source.get(k).clone() for k in source.infos}
-    return state, str(path), _file_digest(path)
+    return state, str(path.resolve()), _file_digest(path)
 
 
 FOREIGN_LAYOUTS = (("lora_A", "PEFT/diffusers"), ("lora_B", "PEFT/diffusers"), (".lora_down.weight", "kohya"),

@@ -14,11 +14,11 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-import torch
 from torch import nn
 
 from cascade_rt.errors import ConfigError
@@ -32,7 +32,13 @@ from cascade_rt.models.controlnet import (
     load_saliency_model,
     prepare_control,
 )
-from cascade_rt.models.lora import LoRAMerger, LoRASet, LoRAWeights, ReTokenMerger, load_lora
+from cascade_rt.models.lora import (
+    LoRAMerger,
+    LoRASet,
+    LoRAWeights,
+    ReTokenMerger,
+    load_lora,
+)
 
 logger = logging.getLogger(__name__)
 

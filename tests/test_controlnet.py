@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torchvision
@@ -32,7 +30,7 @@ FP32 = dict(rtol=1e-5, atol=1e-5)
 class RefCNetResBlock(nn.Module):
     def __init__(self, c):
         super().__init__()
-        ln = lambda: RefLayerNorm2d(c)  # noqa: E731
+        ln = lambda: RefLayerNorm2d(c)
         self.blocks = nn.Sequential(ln(), nn.GELU(), nn.Conv2d(c, c, 3, padding=1), ln(), nn.GELU(),
                                     nn.Conv2d(c, c, 3, padding=1))  # fmt: skip
 
@@ -285,7 +283,11 @@ def test_saliency_mask_from_the_official_model_file(tmp_path, gen):
     InpaintFilter steps: resize to 240 (short side), > threshold, [invert], nearest, gaussian_blur(141) > 0.5."""
     import torchvision.transforms.functional as TF
 
-    from cascade_rt.models.controlnet import MicroResNet, load_saliency_model, saliency_mask
+    from cascade_rt.models.controlnet import (
+        MicroResNet,
+        load_saliency_model,
+        saliency_mask,
+    )
 
     torch.manual_seed(0)
     model = MicroResNet().eval()

@@ -253,7 +253,7 @@ def load_controlnet(
             )
         large_width = shapes["backbone.0.weight"][0] if ck.bottleneck_mode == "large" else 4096 * 4
         with torch.device("meta"):
-            model = ControlNet(ck.c_in, shapes[f"projections.0.2.weight"][0], blocks, ck.bottleneck_mode, large_width)
+            model = ControlNet(ck.c_in, shapes["projections.0.2.weight"][0], blocks, ck.bottleneck_mode, large_width)
         check_fits(model, stage_c, str(path))
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))

@@ -139,7 +139,7 @@ class LoRAWeights:
     def rank(self) -> int:
         return self.layers[0].rank if self.layers else 0
 
-    def with_scale(self, scale: float) -> "LoRAWeights":
+    def with_scale(self, scale: float) -> LoRAWeights:
         return LoRAWeights(self.layers, self.retoken, float(scale), self.source, self.digest, self.filters)
 
     def describe(self) -> dict[str, object]:

@@ -180,3 +180,17 @@ def test_export_cli_with_lora_and_controlnet_is_what_the_runtime_reuses(files, t
     out = pipe("a cat", seed=3, **_control(files), **FAST)
     ref = _load(lora=[lora], controlnet="inpainting")("a cat", seed=3, **_control(files), **FAST)
     assert relative_error(out.stage_c_latent, ref.stage_c_latent) <= BACKEND_TOLERANCE_FP32
+
+
+def test_cli_canny_runs_or_names_the_missing_package(files, tmp_path, capsys):
+    argv = ["generate", "a cat", "--random-weights", "--preset", "tiny", "--device", "cpu", "--dtype", "fp32",
+            "--height", "256", "--width", "256", "--steps-c", "2", "--steps-b", "1", "--seed", "4",
+            "--lora", str(files["lora"][0]), "--controlnet", "canny", "--control-image", str(files["image"]),
+            "-o", str(tmp_path / "canny.png")]  # fmt: skip
+    try:
+        import cv2  # noqa: F401
+    except ImportError:
+        assert main(argv) == 2
+        assert "pip install opencv-python-headless" in capsys.readouterr().err
+        return
+    assert main(argv) == 0 and (tmp_path / "canny.png").is_file()

@@ -194,3 +194,19 @@ def test_cli_canny_runs_or_names_the_missing_package(files, tmp_path, capsys):
         assert "pip install opencv-python-headless" in capsys.readouterr().err
         return
     assert main(argv) == 0 and (tmp_path / "canny.png").is_file()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible to torch)")
+def test_gpu_cuda_graphs_follow_an_in_place_lora_switch(files):
+    """Captured Stage C graphs keep reading the same weight storage: after switch_loras they compute the new LoRA
+    (no recapture), with the ControlNet's projections copied into the static inputs."""
+    kw = dict(random_weights=True, preset="tiny", device="cuda", dtype=torch.bfloat16, controlnet="inpainting",
+              lora=[str(files["lora"][0])])  # fmt: skip
+    pipe, eager = cascade_rt.load_pipeline(**kw), cascade_rt.load_pipeline(cuda_graphs=False, **kw)
+    run = dict(seed=0, height=512, width=512, steps_c=20, steps_b=10, **_control(files))
+    assert relative_error(pipe("a cat", **run).pixels, eager("a cat", **run).pixels) <= 1e-3
+    captures = pipe.graphed["c"].stats["captures"]
+    seconds = [switch_loras(p, [f"{files['lora'][1]}:0.5"]) for p in (pipe, eager)]
+    assert relative_error(pipe("a cat", **run).pixels, eager("a cat", **run).pixels) <= 1e-3, seconds
+    assert pipe.graphed["c"].stats["captures"] == captures

@@ -210,3 +210,16 @@ def test_gpu_cuda_graphs_follow_an_in_place_lora_switch(files):
     seconds = [switch_loras(p, [f"{files['lora'][1]}:0.5"]) for p in (pipe, eager)]
     assert relative_error(pipe("a cat", **run).pixels, eager("a cat", **run).pixels) <= 1e-3, seconds
     assert pipe.graphed["c"].stats["captures"] == captures
+
+
+@pytest.mark.slow
+def test_compiled_stage_c_follows_an_in_place_lora_switch(files):
+    """torch.compile reads the live parameters: after switch_loras it computes the new LoRA, no recompilation."""
+    c, e = _load(backend="c=compile", lora=[str(files["lora"][0])]), _load(lora=[str(files["lora"][0])])
+    before = e("a cat", seed=3, **FAST).stage_c_latent
+    assert relative_error(c("a cat", seed=3, **FAST).stage_c_latent, before) <= BACKEND_TOLERANCE_FP32
+    for pipe in (c, e):
+        switch_loras(pipe, [f"{files['lora'][1]}:0.5"])
+    after = e("a cat", seed=3, **FAST).stage_c_latent
+    assert relative_error(after, before) > 10 * BACKEND_TOLERANCE_FP32  # the switch matters
+    assert relative_error(c("a cat", seed=3, **FAST).stage_c_latent, after) <= BACKEND_TOLERANCE_FP32

@@ -223,3 +223,19 @@ def test_compiled_stage_c_follows_an_in_place_lora_switch(files):
     after = e("a cat", seed=3, **FAST).stage_c_latent
     assert relative_error(after, before) > 10 * BACKEND_TOLERANCE_FP32  # the switch matters
     assert relative_error(c("a cat", seed=3, **FAST).stage_c_latent, after) <= BACKEND_TOLERANCE_FP32
+
+
+@torch.no_grad()
+def test_retoken_reaches_the_text_encoder(tmp_path):
+    """A LoRA's ReToken rows change the prompts that use those tokens, and only those; removing it is exact."""
+    base = build_random_pipeline("tiny", dtype=torch.float32)
+    ids, _ = base.text_encoder.tokenizer(["a cat"])
+    tokens = [int(i) for i in ids[0, 1:3]]  # 'a', 'cat'
+    width = base.text_encoder.tower.token_embedding.weight.shape[1]
+    lora = random_lora(base.stage_c, seed=9, std=0.5, token_indices=tokens, token_dim=width)
+    pipe = _load(lora=[str(save_lora(lora, tmp_path / "retoken.safetensors"))])
+    with_tokens, without = pipe.text_encoder.encode(["a cat"]), pipe.text_encoder.encode(["xyz"])
+    assert (with_tokens[0] - base.text_encoder.encode(["a cat"])[0]).abs().max() > 1e-2
+    assert torch.equal(without[0], base.text_encoder.encode(["xyz"])[0])
+    switch_loras(pipe, [])
+    assert torch.equal(pipe.text_encoder.encode(["a cat"])[0], base.text_encoder.encode(["a cat"])[0])

@@ -149,8 +149,8 @@ def control_conditioning(pipe: Any, image: Any, mask: Any, strength: float, late
             raise ConfigError("a mask was given without a control image; pass control_image (--control-image)")
         return None
     if ext is None or ext.controlnet is None:
-        raise ConfigError("a control image needs a ControlNet: load_pipeline(..., controlnet='canny'|'inpainting'|'sr') "
-                          "or --controlnet KIND")  # fmt: skip
+        raise ConfigError("a control image needs a ControlNet: load_pipeline(..., controlnet='canny'|'inpainting'|"
+                          "'sr') or --controlnet KIND")  # fmt: skip
     if mask is not None and ext.control != "inpainting":
         raise ConfigError(f"a mask is only used by the inpainting ControlNet, not {ext.control}")
     return prepare_control(

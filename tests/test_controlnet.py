@@ -30,7 +30,7 @@ FP32 = dict(rtol=1e-5, atol=1e-5)
 class RefCNetResBlock(nn.Module):
     def __init__(self, c):
         super().__init__()
-        ln = lambda: RefLayerNorm2d(c)
+        ln = lambda: RefLayerNorm2d(c)  # noqa: E731
         self.blocks = nn.Sequential(ln(), nn.GELU(), nn.Conv2d(c, c, 3, padding=1), ln(), nn.GELU(),
                                     nn.Conv2d(c, c, 3, padding=1))  # fmt: skip
 

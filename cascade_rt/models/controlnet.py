@@ -28,12 +28,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from PIL import Image
 from torch import Tensor, nn
 
 from cascade_rt.errors import ConfigError, WeightsError
 from cascade_rt.models.common import LayerNorm2d, ResBlock, interpolate_fp32
+from cascade_rt.models.effnet import normalize_imagenet
+from cascade_rt.weights import open_checkpoint
 
 RELEASED_BLOCKS = (0, 4, 8, 12, 51, 55, 59, 63)  # controlnet_c_3b_{canny,inpainting,sr}.yaml controlnet_blocks
 TINY_BLOCKS = (0, 5)  # the tiny Stage C: its first and last ResBlock (both of width c_hidden[0])
@@ -165,7 +170,9 @@ def check_fits(controlnet: ControlNet, stage_c: nn.Module, where: str = "the Con
     """Every projection goes to an existing ResBlock of width c_proj (else the official code would fail)."""
     widths = resblock_widths(stage_c)
     beyond = [b for b in controlnet.proj_blocks if b >= len(widths)]
-    wrong = [f"{b} (width {widths[b]})" for b in controlnet.proj_blocks if b < len(widths) and widths[b] != controlnet.c_proj]
+    wrong = [
+        f"{b} (width {widths[b]})" for b in controlnet.proj_blocks if b < len(widths) and widths[b] != controlnet.c_proj
+    ]
     if beyond or wrong:
         raise ConfigError(
             f"{where} injects at blocks {controlnet.proj_blocks} with {controlnet.c_proj} channels, but this Stage C "
@@ -225,8 +232,6 @@ def load_controlnet(
 ) -> ControlNet:
     """An official ControlNet checkpoint (canny.safetensors, inpainting.safetensors, super_resolution.safetensors),
     strictly: a file for another control kind, block list or Stage C is a WeightsError saying so."""
-    from cascade_rt.weights import open_checkpoint
-
     ck = control_kind(kind)
     blocks = tuple(blocks) if blocks is not None else default_blocks(stage_c)
     path = Path(path)
@@ -259,8 +264,10 @@ def load_controlnet(
         missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
         bad = [k for k in expected if k in shapes and shapes[k] != expected[k]]
         if missing or unexpected or bad:
-            raise WeightsError(f"{path} does not fit the {kind} ControlNet: missing {missing[:3]}, unexpected "
-                               f"{unexpected[:3]}, shapes differ for {bad[:3]}; use the official {ck.checkpoint}")  # fmt: skip
+            raise WeightsError(
+                f"{path} does not fit the {kind} ControlNet: missing {missing[:3]}, unexpected {unexpected[:3]}, "
+                f"shapes differ for {bad[:3]}; use the official {ck.checkpoint}"
+            )
         state = {}
         for k, ref in model.state_dict().items():
             t = source.get(k)
@@ -299,8 +306,6 @@ def canny_filter(images: Tensor, resize: int | None = 224, low: int = 100, high:
 def mask_from_image(mask: Any, size: Sequence[int]) -> Tensor:
     """A user mask (PIL image in mode 'L' or '1', or a (H,W) / (B,1,H,W) tensor) of the control image's size ->
     (B,1,H,W) bool, True = the region to repaint (white)."""
-    from PIL import Image
-
     if isinstance(mask, Image.Image):
         if mask.mode not in ("L", "1"):
             raise ConfigError(f"the inpainting mask is a {mask.mode} image; save it as a grayscale ('L') or 1-bit "
@@ -308,8 +313,6 @@ def mask_from_image(mask: Any, size: Sequence[int]) -> Tensor:
         if (mask.height, mask.width) != tuple(size):
             raise ConfigError(f"the inpainting mask is {mask.width}x{mask.height}, the control image "
                               f"{size[1]}x{size[0]}: give a mask of the control image's size")  # fmt: skip
-        import numpy as np
-
         return torch.from_numpy(np.asarray(mask.convert("L")).copy() > 127)[None, None]
     if isinstance(mask, Tensor):
         m = mask[None, None] if mask.dim() == 2 else mask
@@ -365,8 +368,6 @@ class MicroResNet(nn.Module):
 
 
 def load_saliency_model(path: str | Path) -> MicroResNet:
-    from cascade_rt.weights import open_checkpoint
-
     model = MicroResNet()
     if not Path(path).is_file():
         raise WeightsError(f"saliency model {path} does not exist; pass the official saliency_model.pt")
@@ -382,8 +383,6 @@ def load_saliency_model(path: str | Path) -> MicroResNet:
 def saliency_mask(images: Tensor, model: MicroResNet, threshold: float = 0.2, outpaint: bool = False) -> Tensor:
     """Official InpaintFilter without a mask: saliency at 240 px (short side) > threshold (the notebook's 0.2),
     inverted for outpainting, nearest-resized, Gaussian-blurred (kernel 141) and thresholded at 0.5."""
-    import torchvision.transforms.functional as TF
-
     small = TF.resize(images.float(), 240, antialias=True)
     salient = model(small) > threshold
     if outpaint:
@@ -395,8 +394,6 @@ def saliency_mask(images: Tensor, model: MicroResNet, threshold: float = 0.2, ou
 def sr_control_input(images: Tensor, effnet: nn.Module, latent_hw: Sequence[int]) -> Tensor:
     """The SR ControlNet's input: the EfficientNet latent of the image at half the output size, nearest-upscaled
     2x (official SREffnetFilter and inference/controlnet.ipynb: effnet(image) interpolated x2, nearest)."""
-    from cascade_rt.models.effnet import normalize_imagenet
-
     half = [32 * math.ceil(s / 2) for s in latent_hw]
     small = F.interpolate(images.float(), size=half, mode="bilinear", antialias=True).clamp(0, 1)
     latent = effnet(normalize_imagenet(small).to(effnet.dtype)).float()
@@ -405,7 +402,7 @@ def sr_control_input(images: Tensor, effnet: nn.Module, latent_hw: Sequence[int]
 
 # ------------------------------------------------------------------------------------------ per prompt
 def control_image_tensor(image: Any) -> Tensor:
-    from cascade_rt.pipeline import from_pil
+    from cascade_rt.pipeline import from_pil  # lazy: the pipeline module imports this one
 
     return from_pil(image)
 

@@ -31,10 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from cascade_rt.errors import ConfigError, WeightsError
+from cascade_rt.weights import open_checkpoint
 
 DEFAULT_FILTERS = (".attn",)  # configs/inference/lora_c_3b.yaml module_filters
 DEFAULT_RANK = 4  # configs/inference/lora_c_3b.yaml rank
@@ -180,8 +182,6 @@ def _read(path_or_state: str | Path | Mapping[str, Tensor]) -> tuple[dict[str, T
     if isinstance(path_or_state, Mapping):
         state = dict(path_or_state)
         return state, "<memory>", _tensor_digest(state)
-    from cascade_rt.weights import open_checkpoint
-
     path = Path(path_or_state)
     if not path.is_file():
         raise WeightsError(f"LoRA file {path} does not exist; pass the path of a LoRA .safetensors file")
@@ -190,8 +190,10 @@ def _read(path_or_state: str | Path | Mapping[str, Tensor]) -> tuple[dict[str, T
     return state, str(path.resolve()), _file_digest(path)
 
 
-FOREIGN_LAYOUTS = (("lora_A", "PEFT/diffusers"), ("lora_B", "PEFT/diffusers"), (".lora_down.weight", "kohya"),
-                   (".lora.down.weight", "diffusers (old)"), ("lora_unet_", "kohya"), ("lora_prior_unet_", "kohya"))  # fmt: skip
+FOREIGN_LAYOUTS = (
+    ("lora_A", "PEFT/diffusers"), ("lora_B", "PEFT/diffusers"), (".lora_down.weight", "kohya"),
+    (".lora.down.weight", "diffusers (old)"), ("lora_unet_", "kohya"), ("lora_prior_unet_", "kohya"),
+)  # fmt: skip
 
 
 def load_lora(
@@ -265,7 +267,9 @@ def load_lora(
     if embed_keys:
         emb, idx = state["embeddings.embeddings"], state["embeddings.indices"]
         if emb.dim() != 2 or idx.dim() != 1 or emb.shape[0] != idx.shape[0]:
-            raise WeightsError(f"{where}: ReToken embeddings {tuple(emb.shape)} do not match indices {tuple(idx.shape)}")
+            raise WeightsError(
+                f"{where}: ReToken embeddings {tuple(emb.shape)} do not match indices {tuple(idx.shape)}"
+            )
         retoken = ReToken(idx.tolist(), int(emb.shape[1]))
         with torch.no_grad():
             retoken.embeddings.copy_(emb)
@@ -308,8 +312,6 @@ def random_lora(
 
 def save_lora(lora: LoRAWeights, path: str | Path) -> Path:
     """Write `lora` in the official layout (safetensors)."""
-    from safetensors.torch import save_file
-
     save_file({k: v.contiguous() for k, v in lora.state_dict().items()}, str(path))
     return Path(path)
 

@@ -195,8 +195,10 @@ def load_pipeline(
         eager, lora=lora, controlnet=controlnet, controlnet_weights=controlnet_weights,
         weights_dir=weights, saliency_model=saliency_model, random_weights=random_weights, seed=seed,
     )  # fmt: skip
-    ctx = BuildContext(device=device, dtype=dtype, shapes=tuple(engine_shapes), engine_dir=Path(engine_dir),
-                       model_id=model_id, options={"extensions": extensions.describe() if extensions else {}})  # fmt: skip
+    ctx = BuildContext(
+        device=device, dtype=dtype, shapes=tuple(engine_shapes), engine_dir=Path(engine_dir), model_id=model_id,
+        options={"extensions": extensions.describe() if extensions else {}},
+    )  # fmt: skip
     runners = {s: build_runner(s, getattr(eager, f"stage_{s}"), per_stage[s], ctx) for s in STAGES}
     components = {"text": eager.text_encoder, "image": eager.image_encoder, "effnet": eager.effnet,
                   "previewer": eager.previewer}  # fmt: skip

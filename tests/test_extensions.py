@@ -239,3 +239,20 @@ def test_retoken_reaches_the_text_encoder(tmp_path):
     assert torch.equal(without[0], base.text_encoder.encode(["xyz"])[0])
     switch_loras(pipe, [])
     assert torch.equal(pipe.text_encoder.encode(["a cat"])[0], base.text_encoder.encode(["a cat"])[0])
+
+
+def test_serve_loads_the_lora_for_every_request(files):
+    """`cascade-rt serve --lora` reaches load_pipeline through the shared model options (uvicorn and Ray)."""
+    import argparse
+
+    from cascade_rt.commands import serve
+    from cascade_rt.commands.generate import load_from_args
+
+    parser = argparse.ArgumentParser()
+    serve.register(parser.add_subparsers())
+    args = parser.parse_args(["serve", "--random-weights", "--preset", "tiny", "--device", "cpu", "--dtype", "fp32",
+                              "--lora", f"{files['lora'][1]}:0.3"])  # fmt: skip
+    pipe = load_from_args(args)
+    assert pipe.extensions.describe()["lora"][0]["scale"] == 0.3
+    ref = _load(lora=[f"{files['lora'][1]}:0.3"])
+    assert torch.equal(pipe("a cat", seed=1, **FAST).stage_c_latent, ref("a cat", seed=1, **FAST).stage_c_latent)

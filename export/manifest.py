@@ -211,7 +211,7 @@ _REQUIRED = ("stage", "preset", "format", "precision", "weights_hash", "spec", "
 _FIELD_TYPES: dict[str, Any] = {
     "stage": str, "preset": str, "format": str, "precision": str, "weights_hash": str, "spec": dict, "dims": dict,
     "dynamic": bool, "profile": dict, "engine_file": str, "files": dict, "versions": dict, "device": dict,
-    "build": dict, "validation": dict, "manifest_version": int,
+    "build": dict, "validation": dict, "manifest_version": int, "extensions": dict,
 }  # fmt: skip
 
 

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from cascade_rt import weights
 from cascade_rt.errors import ConfigError, NumericsError
+from cascade_rt.extensions import Extensions, control_conditioning
 from cascade_rt.images import open_image, to_rgb_array
 from cascade_rt.models.effnet import normalize_imagenet
 from cascade_rt.models.presets import build_model
@@ -178,6 +179,7 @@ class StableCascadePipeline:
         self.dtypes = {"c": _dtype(stage_c), "b": _dtype(stage_b), "a": _dtype(stage_a)}
         check_dtypes(self.dtypes)
         self.device = next(_module(stage_c).parameters()).device
+        self.extensions: Extensions | None = None  # LoRAs / ControlNet (cascade_rt.extensions), docs/extensions.md
 
     @classmethod
     def from_pretrained(
@@ -286,14 +288,19 @@ class StableCascadePipeline:
         clip_image: Any = None,
         preview: bool = False,
         progress: Progress | None = None,
+        control_image: Any = None,
+        mask: Any = None,
+        control_strength: float = 1.0,
     ) -> CascadeOutput:
         """Text-to-image; with `image`: image-to-image (EffNet latent noised to t=`strength`, int(steps_c*strength)
-        Stage C steps); with `clip_image`: image variation (its CLIP embedding conditions Stage C, zeros uncond)."""
+        Stage C steps); with `clip_image`: image variation (its CLIP embedding conditions Stage C, zeros uncond);
+        with `control_image` (and `mask` for inpainting): the loaded ControlNet (docs/extensions.md)."""
         check_generation(height=height, width=width, images_per_prompt=images_per_prompt, steps_c=steps_c,
                          steps_b=steps_b, cfg_c=cfg_c, cfg_b=cfg_b, shift_c=shift_c, shift_b=shift_b, seed=seed,
                          strength=strength, image_given=image is not None)  # fmt: skip
         image = from_pil(image) if image is not None else None  # read and checked before any work
         clip_image = from_pil(clip_image) if clip_image is not None else None
+        control_image = from_pil(control_image) if control_image is not None else None
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * len(prompts)
         if not prompts or len(negatives) != len(prompts):
@@ -319,8 +326,12 @@ class StableCascadePipeline:
             x_c = diffuse(effnet_latent, t_start, torch.randn(effnet_latent.shape, generator=gen).to(self.device))
         else:
             x_c = self.initial_latent(latents_c, shapes["c"], gen, "latents_c")
+        control = None
+        if control_image is not None or mask is not None:
+            with timer.section("controlnet"):
+                control = control_conditioning(self, control_image, mask, control_strength, shapes["c"][-2:], batch)
         latent_c = self.prior(embeds, x_c, steps=steps, cfg=cfg_c, shift=shift_c, t_start=t_start, gen=gen,
-                              progress=progress, timer=timer)  # fmt: skip
+                              progress=progress, timer=timer, control=control)  # fmt: skip
 
         previews = None
         if preview:
@@ -365,13 +376,17 @@ class StableCascadePipeline:
     def prior(
         self, embeds: PromptEmbeds, x_c: Tensor, *, steps: int, cfg: float | None, shift: float,
         gen: torch.Generator, t_start: float = 1.0, progress: Progress | None = None, timer: Any = None,
+        control: dict[str, Any] | None = None,
     ) -> Tensor:  # fmt: skip
         """Stage C phase (section "stage_c"): conditioning once (uncond only with CFG), then the GDF loop from
-        `x_c` at `t_start`. Returns Stage C's latent (fp32), checked finite."""
+        `x_c` at `t_start`. Returns Stage C's latent (fp32), checked finite. `control`: extra step-invariant
+        `denoise` inputs (ControlNet projections), the same for both CFG branches (official cnet_uncond = cnet)."""
         with timer.section("stage_c") if timer is not None else nullcontext():
-            e = embeds
-            cond = self.stage_c.prepare_conditioning(e.text, e.pooled, e.clip_img)
-            uncond = self.stage_c.prepare_conditioning(e.u_text, e.u_pooled, e.u_clip_img) if cfg is not None else None
+            e, extra = embeds, control or {}
+            cond = {**self.stage_c.prepare_conditioning(e.text, e.pooled, e.clip_img), **extra}
+            uncond = None
+            if cfg is not None:
+                uncond = {**self.stage_c.prepare_conditioning(e.u_text, e.u_pooled, e.u_clip_img), **extra}
             latent_c = self.samplers["c"](
                 lambda x, r, **kw: self.stage_c.denoise(x, r, **kw), x_c, cond, uncond, steps=steps, cfg=cfg,
                 shift=shift, t_start=t_start, generator=gen, callback=self._sampler_callback("c", steps, progress),

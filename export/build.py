@@ -8,6 +8,8 @@ Models come from `model_for(...)`: a preset with random (seeded) weights, or off
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -46,6 +48,7 @@ class EngineRequest:
     dims: Dims = Dims()
     dynamic: bool = False
     device: str = "cpu"
+    extensions: str = ""  # canonical JSON of the LoRAs / ControlNet merged or exported (docs/extensions.md)
 
     def __post_init__(self) -> None:
         if self.stage not in GRAPHS:
@@ -63,7 +66,8 @@ class EngineRequest:
         shape = "dynamic" if self.dynamic else f"b{d.batch}-{d.height}x{d.width}"
         cfg = "-cfg" if d.cfg else ""
         weights = self.weights_hash.rpartition(":")[2][:10] or "w"  # two checkpoints of a preset: two names
-        return f"{self.stage}-{self.preset}-{weights}-{self.precision}-{shape}{cfg}-{self.format}"
+        ext = f"-ext-{hashlib.sha256(self.extensions.encode()).hexdigest()[:10]}" if self.extensions else ""
+        return f"{self.stage}-{self.preset}-{weights}-{self.precision}-{shape}{cfg}{ext}-{self.format}"
 
     @property
     def engine_file(self) -> str:
@@ -119,6 +123,7 @@ def base_manifest(request: EngineRequest, spec: StageSpec) -> Manifest:
         dynamic=request.dynamic,
         profile={k: [list(s) for s in v] for k, v in spec.profile(request.dims, request.dynamic).items()},
         engine_file=request.engine_file, versions=library_versions(), device=device_info(request.device),
+        extensions=json.loads(request.extensions) if request.extensions else {},
     )  # fmt: skip
 
 

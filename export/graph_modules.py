@@ -53,6 +53,30 @@ class StageCDenoiserGraph(nn.Module):
         return self.model.denoise(x, r, unpack_cond_kv(cond_kv, self.widths))
 
 
+class StageCControlDenoiserGraph(nn.Module):
+    """(x, r, cond_kv, cnet) -> eps: one Stage C step with ControlNet projections (one per `control_blocks`)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model, self.widths = model, attn_widths(model)
+        self.blocks = tuple(model.control_blocks)
+
+    def forward(self, x: torch.Tensor, r: torch.Tensor, cond_kv: torch.Tensor, cnet: torch.Tensor) -> torch.Tensor:
+        return self.model.denoise(x, r, unpack_cond_kv(cond_kv, self.widths), cnet=unpack_cnet(cnet, self.blocks))
+
+
+def pack_cnet(cnet: Sequence[torch.Tensor | None], blocks: Sequence[int]) -> torch.Tensor:
+    """The official ControlNet list -> (n_blocks, N, c, h, w): the entries at `blocks`, stacked."""
+    return torch.stack([cnet[b] for b in blocks])
+
+
+def unpack_cnet(packed: torch.Tensor, blocks: Sequence[int]) -> list[torch.Tensor | None]:
+    out: list[torch.Tensor | None] = [None] * (max(blocks) + 1)
+    for i, b in enumerate(blocks):
+        out[b] = packed[i]
+    return out
+
+
 class StageCConditioningGraph(nn.Module):
     """(clip_text, clip_text_pooled, clip_img) -> cond_kv: once per prompt."""
 
@@ -128,6 +152,7 @@ GRAPHS: dict[str, type[nn.Module]] = {
     "text": TextGraph,
     "stage_c": StageCDenoiserGraph,
     "stage_c_cond": StageCConditioningGraph,
+    "stage_c_cnet": StageCControlDenoiserGraph,
     "stage_b": StageBDenoiserGraph,
     "stage_b_cond": StageBConditioningGraph,
     "stage_a": StageADecoderGraph,

@@ -13,6 +13,7 @@ use `EngineCache(dir).load(EngineRequest(...))` (it refuses, with the reasons, a
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -44,9 +45,11 @@ def load_engine(
     cfg: bool | None = None,
     precision: str | None = None,
     force: bool = False,
+    extensions: dict | None = None,
 ) -> Engine:
     """The engine of `kind` ('onnxruntime', 'tensorrt', 'aoti') for `stage` ('stage_c', 'stage_b', 'stage_a', ...)
-    of `model`, built and validated on first use, cached under `engine_dir` afterwards."""
+    of `model`, built and validated on first use, cached under `engine_dir` afterwards. `extensions` (the LoRAs
+    merged into `model`, the ControlNet of a 'stage_c_cnet' graph) become part of the engine's name and manifest."""
     if kind not in FORMATS or kind == "onnx":
         raise ConfigError(f"engine kind must be one of onnxruntime, tensorrt, aoti; got {kind!r}")
     device = torch.device(device)
@@ -65,6 +68,7 @@ def load_engine(
         stage=spec.stage, preset=preset_of(model), format=kind, precision=precision,
         weights_hash=model_fingerprint(model), dims=dims, dynamic=not static,
         device="cuda" if device.type == "cuda" else "cpu",
+        extensions=json.dumps(extensions, sort_keys=True) if extensions else "",
     )  # fmt: skip
     options = {"weights_source": {"model_id": model_id}}
     return EngineCache(engine_dir).ensure(request, model, force=force, options=options)

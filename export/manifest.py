@@ -115,6 +115,7 @@ class Manifest:
     device: dict[str, Any] = field(default_factory=dict)
     build: dict[str, Any] = field(default_factory=dict)  # seconds, created, opset, options
     validation: dict[str, Any] = field(default_factory=dict)  # status, tolerance, outputs, errors
+    extensions: dict[str, Any] = field(default_factory=dict)  # LoRA files/hashes/scales, ControlNet (if any)
     manifest_version: int = MANIFEST_VERSION
 
     # ---- io
@@ -185,6 +186,7 @@ class Manifest:
             "manifest_version": self.manifest_version, "stage": self.stage, "preset": self.preset,
             "format": self.format, "precision": self.precision, "weights_hash": self.weights_hash,
             "spec": self.spec, "dims": self.dims, "dynamic": self.dynamic, "profile": self.profile,
+            "extensions": self.extensions,
         }  # fmt: skip
 
     def mismatches(self, want: "Manifest") -> list[str]:
@@ -209,7 +211,7 @@ _REQUIRED = ("stage", "preset", "format", "precision", "weights_hash", "spec", "
 _FIELD_TYPES: dict[str, Any] = {
     "stage": str, "preset": str, "format": str, "precision": str, "weights_hash": str, "spec": dict, "dims": dict,
     "dynamic": bool, "profile": dict, "engine_file": str, "files": dict, "versions": dict, "device": dict,
-    "build": dict, "validation": dict, "manifest_version": int,
+    "build": dict, "validation": dict, "manifest_version": int, "extensions": dict,
 }  # fmt: skip
 
 

@@ -97,6 +97,11 @@ def weights_source(stage: str, weights_dir: str | Path, precision: str, *, lite:
 
 def model_from_manifest(m: Manifest) -> nn.Module:
     """The eager model an engine was built from, for re-validation."""
+    if m.extensions:  # LoRAs merged / a ControlNet variant: the base weights alone are not what was exported
+        raise ConfigError(
+            f"{m.engine_file} was built with extensions {sorted(m.extensions)} (docs/extensions.md); re-validate it "
+            "by loading the pipeline with the same --lora/--controlnet options (the runtime checks its manifest)"
+        )
     src = (m.build or {}).get("weights_source") or {}
     if "random_seed" in src:
         return random_model(m.preset, m.precision, seed=int(src["random_seed"]), device="cpu")

@@ -37,14 +37,18 @@ from cascade_rt.stages import (
 GRAPH_COMPONENT = {
     "text": "text", "stage_c_cond": "c", "stage_c": "c", "stage_b_cond": "b", "stage_b": "b", "stage_a": "a",
     "effnet": "effnet", "previewer": "previewer",
+    "stage_c_cnet": "c",  # the Stage C denoiser variant with ControlNet projections (docs/extensions.md)
 }  # fmt: skip
 GRAPHS = tuple(GRAPH_COMPONENT)  # every exportable graph (a stage's denoiser, its conditioning, ...)
-CFG_STAGES = ("text", "stage_c_cond", "stage_c", "stage_b_cond", "stage_b")  # CFG doubles their batch
+CFG_STAGES = ("text", "stage_c_cond", "stage_c", "stage_b_cond", "stage_b", "stage_c_cnet")  # CFG doubles their batch
+
+
+VARIANTS = ("stage_c_cnet",)  # exported only for a pipeline that loads a ControlNet, never by `--stage all`
 
 
 def component_graphs(component: str) -> tuple[str, ...]:
     """The graphs exported for a component: 'c' -> ('stage_c_cond', 'stage_c'), 'a' -> ('stage_a',)."""
-    return tuple(g for g, c in GRAPH_COMPONENT.items() if c == component)
+    return tuple(g for g, c in GRAPH_COMPONENT.items() if c == component and g not in VARIANTS)
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 INT_DTYPES = {"int64": torch.int64, "int32": torch.int32, "float32": torch.float32}
 
@@ -283,10 +287,24 @@ def _unet_config(model: torch.nn.Module) -> dict[str, Any]:
     }
 
 
+def _control_input(model: torch.nn.Module, cfg: dict[str, Any]) -> TensorSpec:
+    """cnet: (n_blocks, N, c_proj, hc, wc), the projection of each of `model.control_blocks` in order."""
+    from cascade_rt.models.controlnet import resblock_widths
+
+    blocks = tuple(getattr(model, "control_blocks", ()))
+    if not blocks:
+        raise ConfigError("stage_c_cnet: the Stage C has no control_blocks (load a ControlNet first)")
+    if int(model.patch_size) != 1:
+        raise ConfigError("stage_c_cnet assumes patch_size 1 (every released Stage C)")
+    widths = resblock_widths(model)
+    cfg.update(control_blocks=blocks, c_control=widths[blocks[0]])
+    return _t("cnet", len(blocks), "N", cfg["c_control"], "hc", "wc")
+
+
 def make_spec(stage: str, model: torch.nn.Module, preset: str) -> StageSpec:
     """The spec of `stage` for this model (constants such as channel counts are read from the model)."""
     refuse_fp16 = (("fp16", FP16_REFUSAL),)
-    if stage in ("stage_c", "stage_c_cond"):
+    if stage in ("stage_c", "stage_c_cond", "stage_c_cnet"):
         cfg = _unet_config(model)
         cfg.update(
             c_clip_text=int(model.clip_txt_mapper.in_features),
@@ -305,6 +323,8 @@ def make_spec(stage: str, model: torch.nn.Module, preset: str) -> StageSpec:
         else:
             c = cfg["c_latent"]
             inputs = (_t("x", "N", c, "hc", "wc"), _t("r", "N", dtype="float32", sample="unit"), kv)
+            if stage == "stage_c_cnet":  # + the ControlNet projections, resized to the latent grid once per prompt
+                inputs += (_control_input(model, cfg),)
             outputs = (_t("eps", "N", c, "hc", "wc"),)
         return StageSpec(stage, preset, inputs, outputs, True, "bf16", refuse_fp16, tuple(sorted(cfg.items())))
     if stage in ("stage_b", "stage_b_cond"):

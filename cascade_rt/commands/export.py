@@ -46,6 +46,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18; 22 for bf16 graphs)")
     p.add_argument("--builder-optimization-level", type=int, default=3, help="TensorRT builder level 0..5")
     p.add_argument("--weight-streaming", action="store_true", help="TensorRT weight streaming (small GPUs)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="Stage C LoRA merged before export (repeatable; the engine name and manifest record it)")
+    p.add_argument("--controlnet", choices=("canny", "inpainting", "sr"), default=None,
+                   help="also export the Stage C denoiser variant with this ControlNet's inputs (stage_c_cnet)")
     p.set_defaults(func=run)
 
 
@@ -71,30 +75,59 @@ def run(args: argparse.Namespace) -> int:
     if args.opset:
         options["opset"] = args.opset
     stages = stages_of(args.stage)
+    if args.controlnet and "stage_c" in stages:
+        stages.insert(stages.index("stage_c") + 1, "stage_c_cnet")
     rows, sources = [], {}
     for i, stage in enumerate(stages, 1):
         if args.random_weights:
             preset = resolve_preset(args.preset, stage)
-            precision = args.dtype if args.dtype != "auto" else default_precision(spec_for(stage, preset), args.format)
+            base = stage.replace("_cnet", "")  # the variant has the denoiser's precision policy
+            precision = args.dtype if args.dtype != "auto" else default_precision(spec_for(base, preset), args.format)
             key = (preset, precision)
             if key not in sources:  # stage_c and stage_c_cond share one model
                 sources[key] = random_source(stage, preset, precision, args.seed)
         else:
             preset_hint = args.preset if args.preset in ("lite", "full") else "full"
             precision = args.dtype if args.dtype != "auto" else ("bf16" if args.format == "tensorrt" else "fp32")
-            key = (stage.replace("_cond", ""), precision)
+            key = (stage.replace("_cond", "").replace("_cnet", ""), precision)
             if key not in sources:
                 sources[key] = weights_source(stage, args.weights, precision, lite=preset_hint == "lite")
         source = sources[key]
+        extensions = with_extensions(source, stage, args) if stage.startswith("stage_c") else {}
         request = EngineRequest(
             stage=stage, preset=source.preset, format=args.format, precision=precision,
             weights_hash=source.weights_hash, dims=dims, dynamic=args.dynamic, device=device,
+            extensions=json.dumps(extensions, sort_keys=True) if extensions else "",
         )  # fmt: skip
         logger.info("[%d/%d] %s (%s, %s)", i, len(stages), request.engine_file, source.preset, args.format)
         cache.ensure(request, source.model, force=args.force, options={**options, "weights_source": source.record})
         rows.append(summary_row(cache, request))
     print(json.dumps(rows, indent=2))
     return 0
+
+
+def with_extensions(source, stage: str, args: argparse.Namespace) -> dict:
+    """Merge --lora into the Stage C source model once (its weights hash follows) and give it --controlnet's
+    blocks; returns what this stage's engine name and manifest record (docs/extensions.md)."""
+    from cascade_rt.export.sources import model_fingerprint
+    from cascade_rt.extensions import parse_lora
+    from cascade_rt.models.controlnet import build_controlnet
+    from cascade_rt.models.lora import LoRAMerger, load_lora
+
+    if getattr(source, "extensions", None) is None:
+        ext: dict = {}
+        if args.lora:
+            loras = [load_lora(a.path, source.model, scale=a.scale) for a in map(parse_lora, args.lora)]
+            LoRAMerger(source.model).apply(loras)
+            source.weights_hash = model_fingerprint(source.model)
+            ext["lora"] = [lw.describe() for lw in loras]
+        if args.controlnet:  # the variant's inputs need only the block list (the ControlNet itself runs eagerly)
+            blocks = build_controlnet(args.controlnet, source.model, device="meta").proj_blocks
+            source.model.control_blocks = tuple(blocks)
+            ext["controlnet"] = {"kind": args.controlnet, "blocks": list(blocks)}
+        source.extensions = ext
+    ext = source.extensions
+    return ext if stage == "stage_c_cnet" else {k: v for k, v in ext.items() if k == "lora"}
 
 
 def summary_row(cache, request) -> dict:

@@ -119,6 +119,22 @@ def memory_mode(args: argparse.Namespace) -> str:
     return args.memory or (RUNTIME_PRESETS[args.preset].memory if args.random_weights else "resident")
 
 
+def add_extension_args(p: argparse.ArgumentParser) -> None:
+    """LoRA and ControlNet (docs/extensions.md)."""
+    g = p.add_argument_group("extensions (official Stage C LoRA / ControlNet)")
+    g.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="an official Stage C LoRA file, optionally with a scale (default 1); repeat for several")
+    g.add_argument("--controlnet", choices=("canny", "inpainting", "sr"), default=None,
+                   help="ControlNet kind (its checkpoint: --controlnet-weights, or the official file in --weights)")
+    g.add_argument("--controlnet-weights", metavar="FILE", help="canny/inpainting/super_resolution.safetensors")
+    g.add_argument("--control-image", metavar="IMG", help="the image the ControlNet filter reads")
+    g.add_argument("--mask", metavar="IMG", help="inpainting mask (grayscale, control image size; white = repaint)")
+    g.add_argument("--control-strength", type=float, default=1.0,
+                   help="multiplier of the ControlNet projections (official cnet_multiplier; default 1.0)")
+    g.add_argument("--saliency-model", metavar="FILE",
+                   help="official saliency_model.pt: inpainting masks the salient region when no --mask is given")
+
+
 def load_from_args(args: argparse.Namespace):
     """The pipeline the arguments describe, through `cascade_rt.load_pipeline` (backends, graphs, memory)."""
     import torch
@@ -133,6 +149,9 @@ def load_from_args(args: argparse.Namespace):
         backend=args.backend, memory=args.memory, cuda_graphs=args.cuda_graphs, device=device, dtype=dtype,
         engine_dir=args.engine_dir,
         engine_shapes=((getattr(args, "batch", 1), getattr(args, "height", 1024), getattr(args, "width", 1024)),),
+        lora=tuple(getattr(args, "lora", ()) or ()), controlnet=getattr(args, "controlnet", None),
+        controlnet_weights=getattr(args, "controlnet_weights", None),
+        saliency_model=getattr(args, "saliency_model", None),
     )  # fmt: skip
     if args.random_weights:
         print(f"WARNING: {RANDOM_NOTE}", file=sys.stderr)
@@ -218,6 +237,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--clip-image", help="image for image variation (its CLIP embedding conditions Stage C)")
     p.add_argument("--preview", action="store_true", help="also save the previewer image of Stage C (*_preview.png)")
     add_model_args(p)
+    add_extension_args(p)
     p.set_defaults(func=run)
 
 
@@ -255,8 +275,22 @@ def check_generate_args(args: argparse.Namespace) -> dict[str, Any]:
     return images
 
 
+def check_control_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The extension options (docs/extensions.md); returns the decoded control image and mask."""
+    from cascade_rt.errors import ConfigError
+    from cascade_rt.images import open_image
+
+    if args.control_image and not args.controlnet:
+        raise ConfigError("--control-image needs --controlnet canny|inpainting|sr")
+    if args.mask and args.controlnet != "inpainting":
+        raise ConfigError("--mask is only used by --controlnet inpainting (with --control-image)")
+    image = open_image(args.control_image, "--control-image").convert("RGB") if args.control_image else None
+    return {"control_image": image, "mask": open_image(args.mask, "--mask") if args.mask else None}
+
+
 def run(args: argparse.Namespace) -> int:
     inputs = check_generate_args(args)
+    control = check_control_args(args)
     pipe = load_from_args(args)
     bars = StageBars()
     try:
@@ -265,6 +299,7 @@ def run(args: argparse.Namespace) -> int:
             steps_c=args.steps_c, steps_b=args.steps_b, cfg_c=args.cfg_c, cfg_b=args.cfg_b, shift_c=args.shift_c,
             seed=args.seed, image=inputs["image"], clip_image=inputs["clip_image"], strength=float(args.strength),
             preview=args.preview, progress=bars,
+            control_image=control["control_image"], mask=control["mask"], control_strength=args.control_strength,
         )  # fmt: skip
     finally:
         bars.close()
@@ -276,6 +311,9 @@ def run(args: argparse.Namespace) -> int:
     }  # fmt: skip
     if args.random_weights:
         meta["preset"] = args.preset
+    if pipe.extensions is not None:
+        meta["extensions"] = {**pipe.extensions.describe(), "controlnet_file": pipe.extensions.controlnet_source}
+        meta["control_strength"] = args.control_strength if args.controlnet else None
     paths = save_images(out.images, args.output, meta, args.random_weights)
     if out.previews:
         save_images(out.previews, str(Path(args.output).with_name(Path(args.output).stem + "_preview.png")),

@@ -70,6 +70,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     add_model_args(p)
     add_serve_args(p)
+    e = p.add_argument_group("extensions (docs/extensions.md)")
+    e.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="an official Stage C LoRA merged for every request, optionally with a scale; repeatable")
     p.set_defaults(func=run)
 
 

@@ -1,8 +1,9 @@
 """Stage C, the text-conditional prior (official `modules/stage_c.py`), docs/reference.md §1.3.
 
 Constructor arguments, names and defaults are the official ones (defaults = the 3.6B model).
-`forward(x, r, clip_text, clip_text_pooled, clip_img)` returns the epsilon prediction and equals
-`denoise(x, r, **prepare_conditioning(clip_text, clip_text_pooled, clip_img))`.
+`forward(x, r, clip_text, clip_text_pooled, clip_img, cnet=None)` returns the epsilon prediction and equals
+`denoise(x, r, **prepare_conditioning(clip_text, clip_text_pooled, clip_img), cnet=cnet)`. `cnet` is the official
+ControlNet output list (`cascade_rt.models.controlnet`): entry i is added, resized, before the i-th ResBlock call.
 """
 
 from __future__ import annotations
@@ -100,10 +101,17 @@ class StageC(CascadeUNet):
         """Step-invariant work, once per prompt: the conditioning tokens' K/V for every AttnBlock."""
         return {"cond_kv": self.precompute_cond_kv(self.gen_c_embeddings(clip_text, clip_text_pooled, clip_img))}
 
-    def denoise(self, x: torch.Tensor, r: torch.Tensor, cond_kv: CondKV, **t_cond: torch.Tensor) -> torch.Tensor:
+    def denoise(
+        self,
+        x: torch.Tensor,
+        r: torch.Tensor,
+        cond_kv: CondKV,
+        cnet: Sequence[torch.Tensor | None] | None = None,
+        **t_cond: torch.Tensor,
+    ) -> torch.Tensor:
         """One denoiser evaluation given precomputed conditioning: epsilon (B, c_out, H, W) in the model dtype."""
         x = self.embedding(x.to(self.dtype))
-        return self.clf(self._run_levels(x, r, cond_kv, t_cond))
+        return self.clf(self._run_levels(x, r, cond_kv, t_cond, cnet))
 
     def forward(
         self,
@@ -112,9 +120,8 @@ class StageC(CascadeUNet):
         clip_text: torch.Tensor,
         clip_text_pooled: torch.Tensor,
         clip_img: torch.Tensor,
-        cnet: object = None,
+        cnet: Sequence[torch.Tensor | None] | None = None,
         **t_cond: torch.Tensor,
     ) -> torch.Tensor:
-        if cnet is not None:
-            raise NotImplementedError("ControlNet conditioning is not supported by cascade-rt yet")
-        return self.denoise(x, r, **self.prepare_conditioning(clip_text, clip_text_pooled, clip_img), **t_cond)
+        cond = self.prepare_conditioning(clip_text, clip_text_pooled, clip_img)
+        return self.denoise(x, r, **cond, cnet=cnet, **t_cond)

@@ -107,8 +107,12 @@ class CascadeUNet(nn.Module):
         return self.embedding[1].weight.dtype
 
     # ---------------------------------------------------------------- per-step work
-    def _run_block(self, block: nn.Module, x: torch.Tensor, r_embed, kv, skip=None) -> torch.Tensor:
+    def _run_block(self, block: nn.Module, x: torch.Tensor, r_embed, kv, skip=None, cnet=None) -> torch.Tensor:
         if isinstance(block, ResBlock):
+            if cnet is not None:  # ControlNet (official ControlNetDeliverer): one list entry per ResBlock call
+                control = cnet()
+                if control is not None:
+                    x = x + interpolate_fp32(control, x.shape[-2:], x.dtype)
             return block(x, skip)
         if isinstance(block, AttnBlock):
             return block.attend(x, *kv[id(block)])
@@ -116,19 +120,19 @@ class CascadeUNet(nn.Module):
             return block(x, r_embed)
         return block(x)
 
-    def _down_encode(self, x: torch.Tensor, r_embed: torch.Tensor, kv) -> list[torch.Tensor]:
+    def _down_encode(self, x: torch.Tensor, r_embed: torch.Tensor, kv, cnet=None) -> list[torch.Tensor]:
         level_outputs = []
         for down_block, downscaler, repmap in zip(self.down_blocks, self.down_downscalers, self.down_repeat_mappers):
             x = downscaler(x)
             for i in range(len(repmap) + 1):
                 for block in down_block:
-                    x = self._run_block(block, x, r_embed, kv)
+                    x = self._run_block(block, x, r_embed, kv, cnet=cnet)
                 if i < len(repmap):
                     x = repmap[i](x)
             level_outputs.insert(0, x)
         return level_outputs
 
-    def _up_decode(self, level_outputs: list[torch.Tensor], r_embed: torch.Tensor, kv) -> torch.Tensor:
+    def _up_decode(self, level_outputs: list[torch.Tensor], r_embed: torch.Tensor, kv, cnet=None) -> torch.Tensor:
         x = level_outputs[0]
         for i, (up_block, upscaler, repmap) in enumerate(zip(self.up_blocks, self.up_upscalers, self.up_repeat_mappers)):
             for j in range(len(repmap) + 1):
@@ -136,16 +140,30 @@ class CascadeUNet(nn.Module):
                     skip = level_outputs[i] if isinstance(block, ResBlock) and k == 0 and i > 0 else None
                     if skip is not None and x.shape[-2:] != skip.shape[-2:]:
                         x = interpolate_fp32(x, skip.shape[-2:], x.dtype)
-                    x = self._run_block(block, x, r_embed, kv, skip)
+                    x = self._run_block(block, x, r_embed, kv, skip, cnet)
                 if j < len(repmap):
                     x = repmap[j](x)
             x = upscaler(x)
         return x
 
-    def _run_levels(self, x: torch.Tensor, r: torch.Tensor, cond_kv: CondKV, t_cond) -> torch.Tensor:
+    def _run_levels(self, x: torch.Tensor, r: torch.Tensor, cond_kv: CondKV, t_cond, cnet=None) -> torch.Tensor:
+        """`cnet`: the official ControlNet list (entry i goes to the i-th ResBlock call; None: nothing), or None."""
         blocks = self.attn_blocks()
         if len(cond_kv) != len(blocks):
             raise ValueError(f"cond_kv has {len(cond_kv)} entries, the model has {len(blocks)} attention blocks")
         kv = {id(block): pair for block, pair in zip(blocks, cond_kv)}
         r_embed = self.r_embedding(r, t_cond)
-        return self._up_decode(self._down_encode(x, r_embed, kv), r_embed, kv)
+        deliver = Deliverer(cnet) if cnet is not None else None
+        return self._up_decode(self._down_encode(x, r_embed, kv, deliver), r_embed, kv, deliver)
+
+
+class Deliverer:
+    """Official `ControlNetDeliverer`: hands out the list's entries one call at a time, then None."""
+
+    def __init__(self, projections: Sequence[torch.Tensor | None]) -> None:
+        self.projections, self.idx = list(projections), 0
+
+    def __call__(self) -> torch.Tensor | None:
+        out = self.projections[self.idx] if self.idx < len(self.projections) else None
+        self.idx += 1
+        return out

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from cascade_rt.errors import ConfigError
+from cascade_rt.extensions import attach_extensions
 from cascade_rt.pipeline import CascadeOutput, StableCascadePipeline, build_random_pipeline
 from cascade_rt.runtime.backends import build_runner, get_backend, parse_backend_spec, require_backend
 from cascade_rt.runtime.budget import check_batch_memory
@@ -151,11 +152,18 @@ def load_pipeline(
     engine_dir: str | Path = "engines",
     engine_shapes: Sequence[tuple[int, int, int]] = ((1, 1024, 1024),),
     seed: int = 0,
+    lora: Sequence[Any] = (),
+    controlnet: str | None = None,
+    controlnet_weights: str | Path | None = None,
+    saliency_model: str | Path | None = None,
 ) -> RuntimePipeline:
     """A ready pipeline. weights: a folder (official or diffusers layout) or None with random_weights=True
     (seeded, untrained: for tests and speed). preset: tiny | lite | full | edge (lite models, sequential memory).
     backend: one name for all stages or 'c=...,b=...,a=...'. memory: resident | sequential | offload
     (default: the preset's). engine_shapes: (batch, height, width) the engine backends build profiles for.
+    lora: LoRA files ('file.safetensors' or 'file.safetensors:0.8'), merged into Stage C before any backend is
+    built; controlnet: 'canny' | 'inpainting' | 'sr' with its checkpoint (controlnet_weights, or the official file
+    name in the weights folder; random with random_weights). See docs/extensions.md.
     """
     chosen = runtime_preset(preset)
     models = chosen.size
@@ -183,8 +191,14 @@ def load_pipeline(
     else:
         raise ConfigError("give weights=DIR (a folder with the Stable Cascade checkpoints) or random_weights=True")
 
-    ctx = BuildContext(device=device, dtype=dtype, shapes=tuple(engine_shapes), engine_dir=Path(engine_dir),
-                       model_id=model_id)  # fmt: skip
+    extensions = attach_extensions(
+        eager, lora=lora, controlnet=controlnet, controlnet_weights=controlnet_weights,
+        weights_dir=weights, saliency_model=saliency_model, random_weights=random_weights, seed=seed,
+    )  # fmt: skip
+    ctx = BuildContext(
+        device=device, dtype=dtype, shapes=tuple(engine_shapes), engine_dir=Path(engine_dir), model_id=model_id,
+        options={"extensions": extensions.describe() if extensions else {}},
+    )  # fmt: skip
     runners = {s: build_runner(s, getattr(eager, f"stage_{s}"), per_stage[s], ctx) for s in STAGES}
     components = {"text": eager.text_encoder, "image": eager.image_encoder, "effnet": eager.effnet,
                   "previewer": eager.previewer}  # fmt: skip
@@ -194,6 +208,7 @@ def load_pipeline(
     samplers = _graphed_samplers(runners, manager, device, cuda_graphs, whole_loop_graphs, graph_debug)
     pipe = RuntimePipeline(runners=runners, memory=manager, samplers=samplers, device=device,
                            components=components, mode=eager.mode)  # fmt: skip
+    pipe.extensions = extensions
     logger.info("pipeline: %s, backends %s, memory %s, CUDA graphs on %s", models, pipe.backends, memory,
                 sorted(samplers) or "no stage")  # fmt: skip
     return pipe

@@ -132,7 +132,7 @@ def attach_extensions(
             ext.controlnet_source = f"random:seed={seed + 7}"
         else:
             raise ConfigError(f"--controlnet {controlnet} needs its checkpoint: --controlnet-weights "
-                              f"{kind.checkpoint} (or put it in the weights folder)")  # fmt: skip
+                              f"{kind.checkpoint} (or put it in the weights folder)")
         ext.control = controlnet
         if saliency_model is not None:
             ext.saliency = load_saliency_model(saliency_model).to(device)
@@ -141,7 +141,7 @@ def attach_extensions(
 
 
 def control_conditioning(pipe: Any, image: Any, mask: Any, strength: float, latent_hw: Sequence[int],
-                         batch: int) -> dict[str, Any] | None:  # fmt: skip
+                         batch: int) -> dict[str, Any] | None:
     """The pipeline's hook: {'cnet': projections} for `denoise`, or None without a control image."""
     ext: Extensions | None = pipe.extensions
     if image is None:
@@ -150,13 +150,13 @@ def control_conditioning(pipe: Any, image: Any, mask: Any, strength: float, late
         return None
     if ext is None or ext.controlnet is None:
         raise ConfigError("a control image needs a ControlNet: load_pipeline(..., controlnet='canny'|'inpainting'|"
-                          "'sr') or --controlnet KIND")  # fmt: skip
+                          "'sr') or --controlnet KIND")
     if mask is not None and ext.control != "inpainting":
         raise ConfigError(f"a mask is only used by the inpainting ControlNet, not {ext.control}")
     return prepare_control(
         ext.controlnet, ext.control, image, latent_hw=latent_hw, batch=batch, strength=float(strength), mask=mask,
         effnet=pipe.effnet, saliency=ext.saliency, device=pipe.device, dtype=pipe.dtypes["c"],
-    )  # fmt: skip
+    )
 
 
 def switch_loras(pipe: Any, lora: Sequence[str | tuple | LoRAArg]) -> float:
@@ -168,7 +168,7 @@ def switch_loras(pipe: Any, lora: Sequence[str | tuple | LoRAArg]) -> float:
     backend = getattr(getattr(pipe, "runners", {}).get("c"), "backend", "eager")
     if backend in ENGINE_BACKENDS:
         raise ConfigError(f"Stage C runs on {backend}, whose engine has the LoRA weights baked in; load the pipeline "
-                          "again with the new --lora (the engine cache keys on the LoRA files and scales)")  # fmt: skip
+                          "again with the new --lora (the engine cache keys on the LoRA files and scales)")
     ext: Extensions | None = pipe.extensions
     stage_c = pipe.runners["c"].model if hasattr(pipe, "runners") else pipe.stage_c
     if ext is None:
@@ -183,4 +183,4 @@ def switch_loras(pipe: Any, lora: Sequence[str | tuple | LoRAArg]) -> float:
 
 
 __all__ = ["CONTROLS", "Extensions", "LoRAArg", "attach_extensions", "control_conditioning", "parse_lora",
-           "switch_loras"]  # fmt: skip
+           "switch_loras"]

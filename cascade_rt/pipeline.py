@@ -107,14 +107,14 @@ def from_pil(images: Image.Image | Sequence[Image.Image] | Tensor | str | Path) 
         lo, hi = (x.min().item(), x.max().item()) if x.numel() else (0.0, 0.0)
         if not (math.isfinite(lo) and math.isfinite(hi)) or lo < -1e-3 or hi > 1 + 1e-3:
             raise ConfigError(f"image tensor values must be in [0, 1], got [{lo:g}, {hi:g}]"
-                              + ("; divide 0-255 pixels by 255" if hi > 1 + 1e-3 and hi <= 255 else ""))  # fmt: skip
+                              + ("; divide 0-255 pixels by 255" if hi > 1 + 1e-3 and hi <= 255 else ""))
         return x
     if isinstance(images, (str, Path)):
         images = open_image(images, "image")
     images = [images] if isinstance(images, Image.Image) else list(images)
     if not images or not all(isinstance(im, Image.Image) for im in images):
         raise ConfigError("an image must be a PIL image, a list of them, an image file's path, or a (B, 3, H, W) "
-                          "tensor in [0, 1]")  # fmt: skip
+                          "tensor in [0, 1]")
     arrays = [torch.from_numpy(np.ascontiguousarray(to_rgb_array(im))).permute(2, 0, 1) for im in images]
     return torch.stack(arrays).float()
 
@@ -213,7 +213,7 @@ class StableCascadePipeline:
             image_encoder=image_encoder,
             stage_c=models["c"], stage_b=models["b"], stage_a=models["a"],
             effnet=models.get("effnet"), previewer=models.get("previewer"),
-        )  # fmt: skip
+        )
 
     # ------------------------------------------------------------------------------------------ helpers
     def synchronize(self) -> None:
@@ -246,7 +246,7 @@ class StableCascadePipeline:
     def _run_stage_b(
         self, effnet_latent: Tensor, pooled: Tensor, uncond_pooled: Tensor, x_init: Tensor, *, steps: int,
         cfg: float | None, shift: float, gen: torch.Generator, progress: Progress | None,
-    ) -> Tensor:  # fmt: skip
+    ) -> Tensor:
         hw = tuple(x_init.shape[-2:])
         cond = self.stage_b.prepare_conditioning(effnet_latent, pooled, latent_hw=hw)
         uncond = None
@@ -255,7 +255,7 @@ class StableCascadePipeline:
         x0 = self.samplers["b"](
             lambda x, r, **kw: self.stage_b.denoise(x, r, **kw), x_init, cond, uncond, steps=steps, cfg=cfg,
             shift=shift, generator=gen, callback=self._sampler_callback("b", steps, progress), mode=self.mode,
-        )  # fmt: skip
+        )
         check_finite(x0, "b")
         return x0
 
@@ -297,7 +297,7 @@ class StableCascadePipeline:
         with `control_image` (and `mask` for inpainting): the loaded ControlNet (docs/extensions.md)."""
         check_generation(height=height, width=width, images_per_prompt=images_per_prompt, steps_c=steps_c,
                          steps_b=steps_b, cfg_c=cfg_c, cfg_b=cfg_b, shift_c=shift_c, shift_b=shift_b, seed=seed,
-                         strength=strength, image_given=image is not None)  # fmt: skip
+                         strength=strength, image_given=image is not None)
         image = from_pil(image) if image is not None else None  # read and checked before any work
         clip_image = from_pil(clip_image) if clip_image is not None else None
         control_image = from_pil(control_image) if control_image is not None else None
@@ -331,7 +331,7 @@ class StableCascadePipeline:
             with timer.section("controlnet"):
                 control = control_conditioning(self, control_image, mask, control_strength, shapes["c"][-2:], batch)
         latent_c = self.prior(embeds, x_c, steps=steps, cfg=cfg_c, shift=shift_c, t_start=t_start, gen=gen,
-                              progress=progress, timer=timer, control=control)  # fmt: skip
+                              progress=progress, timer=timer, control=control)
 
         previews = None
         if preview:
@@ -342,7 +342,7 @@ class StableCascadePipeline:
 
         x_b = self.initial_latent(latents_b, shapes["b"], gen, "latents_b")
         pixels, latent_b = self.decoder(latent_c, embeds.pooled, embeds.u_pooled, x_b, steps=steps_b, cfg=cfg_b,
-                                        shift=shift_b, gen=gen, progress=progress, timer=timer)  # fmt: skip
+                                        shift=shift_b, gen=gen, progress=progress, timer=timer)
         return CascadeOutput(to_pil(pixels), pixels, latent_c, latent_b, seed, previews, timings)
 
     def check_batch_memory(self, batch: int, height: int, width: int, prompts: int = 1) -> None:
@@ -364,7 +364,7 @@ class StableCascadePipeline:
             for t in (text, pooled, u_text, u_pooled):
                 check_finite(t, "text")
             clip_img = torch.zeros(len(prompts), 1, _module(self.stage_c).clip_img_mapper.in_features,
-                                   device=self.device)  # fmt: skip
+                                   device=self.device)
             u_clip_img = clip_img
             if clip_image is not None:
                 if self.image_encoder is None:
@@ -377,7 +377,7 @@ class StableCascadePipeline:
         self, embeds: PromptEmbeds, x_c: Tensor, *, steps: int, cfg: float | None, shift: float,
         gen: torch.Generator, t_start: float = 1.0, progress: Progress | None = None, timer: Any = None,
         control: dict[str, Any] | None = None,
-    ) -> Tensor:  # fmt: skip
+    ) -> Tensor:
         """Stage C phase (section "stage_c"): conditioning once (uncond only with CFG), then the GDF loop from
         `x_c` at `t_start`. Returns Stage C's latent (fp32), checked finite. `control`: extra step-invariant
         `denoise` inputs (ControlNet projections), the same for both CFG branches (official cnet_uncond = cnet)."""
@@ -391,20 +391,20 @@ class StableCascadePipeline:
                 lambda x, r, **kw: self.stage_c.denoise(x, r, **kw), x_c, cond, uncond, steps=steps, cfg=cfg,
                 shift=shift, t_start=t_start, generator=gen, callback=self._sampler_callback("c", steps, progress),
                 mode=self.mode,
-            )  # fmt: skip
+            )
             check_finite(latent_c, "c")
         return latent_c
 
     def decoder(
         self, effnet: Tensor, pooled: Tensor, u_pooled: Tensor | None, x_b: Tensor, *, steps: int,
         cfg: float | None, shift: float, gen: torch.Generator, progress: Progress | None = None, timer: Any = None,
-    ) -> tuple[Tensor, Tensor]:  # fmt: skip
+    ) -> tuple[Tensor, Tensor]:
         """Stage B + A phase (sections "stage_b", "stage_a"): Stage B sampling from `x_b` conditioned on `effnet`
         (Stage C's latent, or EffNet's for reconstruction), then the Stage A decode. Returns (pixels in [0, 1],
         Stage B latent), each checked finite."""
         with timer.section("stage_b") if timer is not None else nullcontext():
             latent_b = self._run_stage_b(effnet, pooled, u_pooled, x_b, steps=steps, cfg=cfg, shift=shift,
-                                         gen=gen, progress=progress)  # fmt: skip
+                                         gen=gen, progress=progress)
         with timer.section("stage_a") if timer is not None else nullcontext():
             pixels = self._decode(latent_b)
         return pixels, latent_b
@@ -421,7 +421,8 @@ class StableCascadePipeline:
         seed: int | None = None,
         progress: Progress | None = None,
     ) -> CascadeOutput:
-        """Stage A+B as an autoencoder (docs/reference.md §4.5): image -> x3/4 nearest -> EffNet -> Stage B -> Stage A."""
+        """Stage A+B as an autoencoder (docs/reference.md §4.5): image -> x3/4 nearest -> EffNet -> Stage B ->
+        Stage A."""
         check_reconstruction(steps_b=steps_b, cfg_b=cfg_b, shift_b=shift_b, seed=seed)
         if self.effnet is None:
             raise ConfigError("reconstruction needs the EfficientNet encoder; this pipeline has none")
@@ -438,9 +439,10 @@ class StableCascadePipeline:
             pooled, u_pooled = self._encode_text([prompt] * pixels_in.shape[0])[1], None
             if cfg_b is not None:
                 u_pooled = self._encode_text([""] * pixels_in.shape[0])[1]
-        x_b = self.initial_latent(None, latent_shapes(pixels_in.shape[0], int(height), int(width))["b"], gen, "latents_b")
+        shape_b = latent_shapes(pixels_in.shape[0], int(height), int(width))["b"]
+        x_b = self.initial_latent(None, shape_b, gen, "latents_b")
         pixels, latent_b = self.decoder(effnet_latent, pooled, u_pooled, x_b, steps=steps_b, cfg=cfg_b,
-                                        shift=shift_b, gen=gen, progress=progress, timer=timer)  # fmt: skip
+                                        shift=shift_b, gen=gen, progress=progress, timer=timer)
         return CascadeOutput(to_pil(pixels), pixels, None, latent_b, seed, None, timings)
 
     def _effnet_latent(

@@ -124,7 +124,7 @@ def base_manifest(request: EngineRequest, spec: StageSpec) -> Manifest:
         profile={k: [list(s) for s in v] for k, v in spec.profile(request.dims, request.dynamic).items()},
         engine_file=request.engine_file, versions=library_versions(), device=device_info(request.device),
         extensions=json.loads(request.extensions) if request.extensions else {},
-    )  # fmt: skip
+    )
 
 
 def validation_dims(request: EngineRequest) -> list[Dims]:

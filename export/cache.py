@@ -43,7 +43,7 @@ from cascade_rt.export.build import (
     build_files,
     run_validation,
     spec_for,
-)  # fmt: skip
+)
 from cascade_rt.export.engine import Engine
 from cascade_rt.export.manifest import MANIFEST_SUFFIX, Manifest, fsync_dir
 from cascade_rt.export.opener import open_engine_files
@@ -172,7 +172,7 @@ class EngineCache:
             manifest = build_files(
                 request, model, scratch, onnx_source=onnx_source, timing_cache=self.root / TIMING_CACHE,
                 options=options,
-            )  # fmt: skip
+            )
             self._install(scratch, manifest, request)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -300,4 +300,4 @@ def request_of(m: Manifest) -> EngineRequest:
         stage=m.stage, preset=m.preset, format=m.format, precision=m.precision, weights_hash=m.weights_hash,
         dims=Dims(**m.dims), dynamic=m.dynamic, device="cuda" if m.device.get("type") == "cuda" else "cpu",
         extensions=json.dumps(m.extensions, sort_keys=True) if m.extensions else "",
-    )  # fmt: skip
+    )

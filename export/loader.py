@@ -69,6 +69,6 @@ def load_engine(
         weights_hash=model_fingerprint(model), dims=dims, dynamic=not static,
         device="cuda" if device.type == "cuda" else "cpu",
         extensions=json.dumps(extensions, sort_keys=True) if extensions else "",
-    )  # fmt: skip
+    )
     options = {"weights_source": {"model_id": model_id}}
     return EngineCache(engine_dir).ensure(request, model, force=force, options=options)

@@ -133,7 +133,8 @@ class Manifest:
         if missing:
             raise ValueError(f"fields missing: {', '.join(missing)}")
         for key, kinds in _FIELD_TYPES.items():
-            if key in known and not isinstance(known[key], kinds) or (kinds is int and isinstance(known.get(key), bool)):
+            wrong = key in known and not isinstance(known[key], kinds)
+            if wrong or (kinds is int and isinstance(known.get(key), bool)):
                 names = " or ".join(k.__name__ for k in (kinds if isinstance(kinds, tuple) else (kinds,)))
                 raise ValueError(f"field {key!r} must be {names}, got {type(known[key]).__name__}")
         m = cls(**known)
@@ -187,7 +188,7 @@ class Manifest:
             "format": self.format, "precision": self.precision, "weights_hash": self.weights_hash,
             "spec": self.spec, "dims": self.dims, "dynamic": self.dynamic, "profile": self.profile,
             "extensions": self.extensions,
-        }  # fmt: skip
+        }
 
     def mismatches(self, want: "Manifest") -> list[str]:
         """Why this (built) engine does not fit `want` (a manifest describing the request and environment)."""
@@ -212,7 +213,7 @@ _FIELD_TYPES: dict[str, Any] = {
     "stage": str, "preset": str, "format": str, "precision": str, "weights_hash": str, "spec": dict, "dims": dict,
     "dynamic": bool, "profile": dict, "engine_file": str, "files": dict, "versions": dict, "device": dict,
     "build": dict, "validation": dict, "manifest_version": int, "extensions": dict,
-}  # fmt: skip
+}
 
 
 def check_file_name(name: Any) -> None:

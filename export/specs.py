@@ -25,6 +25,7 @@ from typing import Any, Mapping
 import torch
 
 from cascade_rt.errors import ConfigError
+from cascade_rt.models.text import EOS_ID
 from cascade_rt.stages import (
     RESOLUTION_MAX,
     RESOLUTION_MIN,
@@ -38,7 +39,7 @@ GRAPH_COMPONENT = {
     "text": "text", "stage_c_cond": "c", "stage_c": "c", "stage_b_cond": "b", "stage_b": "b", "stage_a": "a",
     "effnet": "effnet", "previewer": "previewer",
     "stage_c_cnet": "c",  # the Stage C denoiser variant with ControlNet projections (docs/extensions.md)
-}  # fmt: skip
+}
 GRAPHS = tuple(GRAPH_COMPONENT)  # every exportable graph (a stage's denoiser, its conditioning, ...)
 CFG_STAGES = ("text", "stage_c_cond", "stage_c", "stage_b_cond", "stage_b", "stage_c_cnet")  # CFG doubles their batch
 
@@ -49,6 +50,8 @@ VARIANTS = ("stage_c_cnet",)  # exported only for a pipeline that loads a Contro
 def component_graphs(component: str) -> tuple[str, ...]:
     """The graphs exported for a component: 'c' -> ('stage_c_cond', 'stage_c'), 'a' -> ('stage_a',)."""
     return tuple(g for g, c in GRAPH_COMPONENT.items() if c == component and g not in VARIANTS)
+
+
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 INT_DTYPES = {"int64": torch.int64, "int32": torch.int32, "float32": torch.float32}
 
@@ -59,7 +62,6 @@ FP16_REFUSAL = (
     "Stage B and Stage C overflow in float16 (official models/readme: 'you can not run the models in float16'; "
     "docs/reference.md §6.1): export them in bf16 or fp32"
 )
-from cascade_rt.models.text import EOS_ID
 
 
 # ------------------------------------------------------------------------------------------ shapes
@@ -260,7 +262,7 @@ class StageSpec:
             cfg_doubles=d["cfg_doubles"], default_precision=d["default_precision"],
             refused=tuple(sorted(d["refused"].items())),
             config=tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in d["config"].items())),
-        )  # fmt: skip
+        )
 
 
 # ------------------------------------------------------------------------------------------ per-stage specs

@@ -32,7 +32,7 @@ class RefCNetResBlock(nn.Module):
         super().__init__()
         ln = lambda: RefLayerNorm2d(c)  # noqa: E731
         self.blocks = nn.Sequential(ln(), nn.GELU(), nn.Conv2d(c, c, 3, padding=1), ln(), nn.GELU(),
-                                    nn.Conv2d(c, c, 3, padding=1))  # fmt: skip
+                                    nn.Conv2d(c, c, 3, padding=1))
 
     def forward(self, x):
         return x + self.blocks(x)
@@ -57,17 +57,17 @@ class RefControlNet(nn.Module):
         elif bottleneck_mode == "simple":
             embd = c_in
             self.backbone = nn.Sequential(nn.Conv2d(embd, embd * 4, 3, padding=1), nn.LeakyReLU(0.2, inplace=True),
-                                          nn.Conv2d(embd * 4, embd, 3, padding=1))  # fmt: skip
+                                          nn.Conv2d(embd * 4, embd, 3, padding=1))
         else:
             embd = 1280
             self.backbone = nn.Sequential(nn.Conv2d(c_in, large, 1), nn.LeakyReLU(0.2, inplace=True),
                                           nn.Conv2d(large, 1024, 1), *[RefCNetResBlock(1024) for _ in range(8)],
-                                          nn.Conv2d(1024, 1280, 1))  # fmt: skip
+                                          nn.Conv2d(1024, 1280, 1))
         self.projections = nn.ModuleList(
             nn.Sequential(nn.Conv2d(embd, embd, 1, bias=False), nn.LeakyReLU(0.2, inplace=True),
                           nn.Conv2d(embd, c_proj, 1, bias=False))
             for _ in proj_blocks
-        )  # fmt: skip
+        )
 
     def forward(self, x):
         x = self.backbone(x)
@@ -142,12 +142,12 @@ def stage_c():
 def c_inputs(gen, batch=2, hw=(8, 8)):
     return (torch.randn(batch, 16, *hw, generator=gen), torch.rand(batch, generator=gen),
             torch.randn(batch, 7, 32, generator=gen), torch.randn(batch, 1, 32, generator=gen),
-            torch.randn(batch, 1, 24, generator=gen))  # fmt: skip
+            torch.randn(batch, 1, 24, generator=gen))
 
 
 # ------------------------------------------------------------------------------------------ tests
 @pytest.mark.parametrize("kind, c_in, mode, size", [("canny", 1, "effnet", 96), ("inpainting", 4, "effnet", 64),
-                                                    ("sr", 16, "large", 6)])  # fmt: skip
+                                                    ("sr", 16, "large", 6)])
 @torch.no_grad()
 def test_controlnet_projections_equal_official(stage_c, gen, kind, c_in, mode, size):
     ours = build_controlnet(kind, stage_c, seed=3)
@@ -181,7 +181,7 @@ def test_controlled_stage_c_equals_official(stage_c, gen):
     x, r, clip_text, pooled, clip_img = c_inputs(gen)
     # sanity of the reference: without ControlNet it is the model's forward
     torch.testing.assert_close(ref_stage_c(stage_c, x, r, clip_text, pooled, clip_img, None),
-                               stage_c(x, r, clip_text, pooled, clip_img), **FP32)  # fmt: skip
+                               stage_c(x, r, clip_text, pooled, clip_img), **FP32)
     n = len(resblock_widths(stage_c))
     widths = resblock_widths(stage_c)
     # projections of other sizes than the blocks' (resized in the model), at every ResBlock, None in between
@@ -236,12 +236,12 @@ def test_inpaint_filter_and_mask_errors():
         mask_from_image(pil, (6, 8))
     with pytest.raises(ConfigError, match="needs a mask"):
         prepare_control(build_controlnet("inpainting", build_model("stage_c_tiny", seed=1), seed=0), "inpainting",
-                        torch.rand(1, 3, 64, 64), latent_hw=(2, 2), batch=1)  # fmt: skip
+                        torch.rand(1, 3, 64, 64), latent_hw=(2, 2), batch=1)
 
 
 def test_canny_filter_matches_opencv_or_says_what_to_install():
-    images = torch.zeros(1, 3, 64, 64)
-    images[..., 16:48, 16:48] = 1.0
+    images = torch.zeros(1, 3, 224, 224)  # the filter's working size: no resampling blurs the 1-pixel edges away
+    images[..., 56:168, 56:168] = 1.0
     try:
         import cv2
     except ImportError:
@@ -251,9 +251,10 @@ def test_canny_filter_matches_opencv_or_says_what_to_install():
     edges = canny_filter(images)
     x = nn.functional.interpolate(images, size=(224, 224), mode="bilinear")
     e = cv2.Canny((x[0].mul(255).permute(1, 2, 0).numpy()).astype("uint8"), 100, 200)
-    want = nn.functional.interpolate(torch.tensor(e).div(255)[None, None].float(), size=(64, 64), mode="bilinear")
+    want = nn.functional.interpolate(torch.tensor(e).div(255)[None, None].float(), size=(224, 224), mode="bilinear")
     torch.testing.assert_close(edges, want)
-    assert edges.shape == (1, 1, 64, 64) and edges.max() > 0.5 and edges[..., :8, :8].max() == 0
+    assert edges.shape == (1, 1, 224, 224) and edges.max() == 1.0 and edges[..., :32, :32].max() == 0
+    assert edges[0, 0, 100, 50:60].max() == 1.0 and edges[0, 0, 100, 60:160].max() == 0  # the square's left edge
 
 
 def test_controlnet_that_does_not_fit(stage_c, tmp_path, save_official):

@@ -102,29 +102,33 @@ def test_switch_loras_in_place_is_exact(files):
     assert [p.data_ptr() for p in stage_c.parameters()] == ptrs
 
 
-def _cli(files, out, backend, engine_dir, *extra):
+def _cli(files, out, backend, engine_dir, *extra, control="inpainting"):
+    mask = ["--mask", str(files["mask"])] if control == "inpainting" else []
     args = ["generate", "a cat", "--random-weights", "--preset", "tiny", "--device", "cpu", "--dtype", "fp32",
             "--height", "256", "--width", "256", "--steps-c", "2", "--steps-b", "1", "--seed", "4",
-            "--lora", f"{files['lora'][0]}:0.8", "--controlnet", "inpainting", "--control-image", str(files["image"]),
-            "--mask", str(files["mask"]), "--control-strength", "0.9", "--backend", f"c={backend}",
-            "--engine-dir", str(engine_dir), "-o", str(out), *extra]  # fmt: skip
+            "--lora", f"{files['lora'][0]}:0.8", "--controlnet", control, "--control-image", str(files["image"]),
+            *mask, "--control-strength", "0.9", "--backend", f"c={backend}",
+            "--engine-dir", str(engine_dir), "-o", str(out), *extra]
     assert main(args) == 0
     return np.asarray(Image.open(out), dtype=np.int16), json.loads(Image.open(out).text["cascade-rt"])
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("control", ["inpainting", "canny"])
 @pytest.mark.parametrize("backend", ["onnxruntime", "compile", "aoti"])
-def test_cli_lora_controlnet_backends_agree_with_eager(files, tmp_path, backend):
-    eager, meta = _cli(files, tmp_path / "eager.png", "eager", tmp_path / "engines")
+def test_cli_lora_controlnet_backends_agree_with_eager(files, tmp_path, backend, control):
+    if control == "canny":
+        pytest.importorskip("cv2", reason="canny needs opencv-python-headless (the controlnet extra)")
+    eager, meta = _cli(files, tmp_path / "eager.png", "eager", tmp_path / "engines", control=control)
     assert meta["extensions"]["lora"][0]["scale"] == 0.8 and meta["control_strength"] == 0.9
-    got, _ = _cli(files, tmp_path / f"{backend}.png", backend, tmp_path / "engines")
+    got, _ = _cli(files, tmp_path / f"{backend}.png", backend, tmp_path / "engines", control=control)
     assert np.abs(got - eager).max() <= 2, np.abs(got - eager).max()  # 8-bit pixels; ~2e-5 in the latent
     if backend != "compile":  # the engine's name and manifest carry the LoRA and the ControlNet
         manifests = [json.loads(p.read_text()) for p in (tmp_path / "engines").glob("stage_c_cnet-*.json")]
         assert len(manifests) == 1 and "-ext-" in manifests[0]["engine_file"]
         ext = manifests[0]["extensions"]
         assert ext["lora"][0]["file"] == str(files["lora"][0]) and ext["lora"][0]["scale"] == 0.8
-        assert ext["controlnet"]["blocks"] == [0, 5]
+        assert ext["controlnet"]["blocks"] == [0, 5] and ext["controlnet"]["kind"] == control
 
 
 @pytest.mark.slow
@@ -165,7 +169,7 @@ def test_export_cli_with_lora_and_controlnet_is_what_the_runtime_reuses(files, t
     lora = f"{files['lora'][0]}:0.8"
     argv = ["export", "--stage", "c", "--format", "onnxruntime", "--preset", "tiny", "--random-weights",
             "--lora", lora, "--controlnet", "inpainting", "--dynamic", "--height", "256", "--width", "256",
-            "--engine-dir", str(tmp_path)]  # fmt: skip
+            "--engine-dir", str(tmp_path)]
     assert main(argv) == 0  # the random Stage C that load_pipeline(random_weights=True) builds
     manifests = {p.name.split("-")[0]: p for p in tmp_path.glob("*.json")}
     assert set(manifests) == {"stage_c_cond", "stage_c", "stage_c_cnet"}
@@ -175,7 +179,7 @@ def test_export_cli_with_lora_and_controlnet_is_what_the_runtime_reuses(files, t
     assert json.loads(manifests["stage_c"].read_text())["extensions"].keys() == {"lora"}
     stamp = manifests["stage_c_cnet"].stat().st_mtime_ns
     pipe = _load(backend="c=onnxruntime", engine_dir=tmp_path, engine_shapes=((1, 256, 256),), lora=[lora],
-                 controlnet="inpainting")  # fmt: skip
+                 controlnet="inpainting")
     assert manifests["stage_c_cnet"].stat().st_mtime_ns == stamp  # reused, not rebuilt
     out = pipe("a cat", seed=3, **_control(files), **FAST)
     ref = _load(lora=[lora], controlnet="inpainting")("a cat", seed=3, **_control(files), **FAST)
@@ -186,7 +190,7 @@ def test_cli_canny_runs_or_names_the_missing_package(files, tmp_path, capsys):
     argv = ["generate", "a cat", "--random-weights", "--preset", "tiny", "--device", "cpu", "--dtype", "fp32",
             "--height", "256", "--width", "256", "--steps-c", "2", "--steps-b", "1", "--seed", "4",
             "--lora", str(files["lora"][0]), "--controlnet", "canny", "--control-image", str(files["image"]),
-            "-o", str(tmp_path / "canny.png")]  # fmt: skip
+            "-o", str(tmp_path / "canny.png")]
     try:
         import cv2  # noqa: F401
     except ImportError:
@@ -202,7 +206,7 @@ def test_gpu_cuda_graphs_follow_an_in_place_lora_switch(files):
     """Captured Stage C graphs keep reading the same weight storage: after switch_loras they compute the new LoRA
     (no recapture), with the ControlNet's projections copied into the static inputs."""
     kw = dict(random_weights=True, preset="tiny", device="cuda", dtype=torch.bfloat16, controlnet="inpainting",
-              lora=[str(files["lora"][0])])  # fmt: skip
+              lora=[str(files["lora"][0])])
     pipe, eager = cascade_rt.load_pipeline(**kw), cascade_rt.load_pipeline(cuda_graphs=False, **kw)
     run = dict(seed=0, height=512, width=512, steps_c=20, steps_b=10, **_control(files))
     assert relative_error(pipe("a cat", **run).pixels, eager("a cat", **run).pixels) <= 1e-3
@@ -251,7 +255,7 @@ def test_serve_loads_the_lora_for_every_request(files):
     parser = argparse.ArgumentParser()
     serve.register(parser.add_subparsers())
     args = parser.parse_args(["serve", "--random-weights", "--preset", "tiny", "--device", "cpu", "--dtype", "fp32",
-                              "--lora", f"{files['lora'][1]}:0.3"])  # fmt: skip
+                              "--lora", f"{files['lora'][1]}:0.3"])
     pipe = load_from_args(args)
     assert pipe.extensions.describe()["lora"][0]["scale"] == 0.3
     ref = _load(lora=[f"{files['lora'][1]}:0.3"])

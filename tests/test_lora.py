@@ -48,7 +48,7 @@ class RefLoRA(nn.Module):
 def ref_apply_lora(model, filters, rank):
     def plain(module, name):
         return (hasattr(module, name) and not parametrize.is_parametrized(module, name)
-                and isinstance(getattr(module, name), nn.Parameter))  # fmt: skip
+                and isinstance(getattr(module, name), nn.Parameter))
 
     for name, module in model.named_modules():
         if filters is None or any(f in name for f in filters):
@@ -73,7 +73,7 @@ def stage_c():
 def c_inputs(gen, batch=2, hw=(5, 4)):
     return (torch.randn(batch, 16, *hw, generator=gen), torch.rand(batch, generator=gen),
             torch.randn(batch, 7, 32, generator=gen), torch.randn(batch, 1, 32, generator=gen),
-            torch.randn(batch, 1, 24, generator=gen))  # fmt: skip
+            torch.randn(batch, 1, 24, generator=gen))
 
 
 def reference_output(model, path, inputs, rank=4):
@@ -169,11 +169,11 @@ def test_strict_loading_errors(stage_c, tmp_path):
         load_lora(path, stage_c, rank=8)
     # another model: a Stage C of other widths has the same layer count but other shapes
     other = StageC(c_cond=48, c_hidden=[32, 64], nhead=[2, 2], blocks=[[1, 2], [2, 1]], c_clip_text=32,
-                   c_clip_text_pooled=32, c_clip_img=24).eval()  # fmt: skip
+                   c_clip_text_pooled=32, c_clip_img=24).eval()
     with pytest.raises(WeightsError, match="trained for another model"):
         load_lora(path, other)
     deeper = StageC(c_cond=48, c_hidden=[48, 64], nhead=[2, 2], blocks=[[2, 2], [2, 2]], c_clip_text=32,
-                    c_clip_text_pooled=32, c_clip_img=24).eval()  # fmt: skip
+                    c_clip_text_pooled=32, c_clip_img=24).eval()
     with pytest.raises(WeightsError, match=r"holds 12 LoRA layers, but this StageC has 16"):
         load_lora(path, deeper)
     from safetensors.torch import save_file

@@ -24,7 +24,7 @@ STAGE_CHOICES = ("text", *COMPONENTS, "all")
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("export", help="export stages to ONNX and build engines", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=STAGE_CHOICES, default="all")
     p.add_argument("--format", choices=FORMATS, default="onnx")
     src = p.add_mutually_exclusive_group()
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
             stage=stage, preset=source.preset, format=args.format, precision=precision,
             weights_hash=source.weights_hash, dims=dims, dynamic=args.dynamic, device=device,
             extensions=json.dumps(extensions, sort_keys=True) if extensions else "",
-        )  # fmt: skip
+        )
         logger.info("[%d/%d] %s (%s, %s)", i, len(stages), request.engine_file, source.preset, args.format)
         cache.ensure(request, source.model, force=args.force, options={**options, "weights_source": source.record})
         rows.append(summary_row(cache, request))
@@ -138,4 +138,4 @@ def summary_row(cache, request) -> dict:
     return {
         "engine": m.engine_file, "bytes": sum(f["bytes"] for f in m.files.values()),
         "validation": m.validation.get("status"), "max_rel_l2": worst, "build_seconds": m.build.get("seconds"),
-    }  # fmt: skip
+    }

@@ -60,7 +60,8 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="weights placement (default: resident; sequential for --preset edge)")
     g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="sample without CUDA graphs (they are on by default on a CUDA device)")
-    g.add_argument("--engine-dir", default="engines", help="engine cache for onnxruntime/tensorrt/aoti (default engines/)")
+    g.add_argument("--engine-dir", default="engines",
+                   help="engine cache for onnxruntime/tensorrt/aoti (default engines/)")
 
 
 def check_model_args(args: argparse.Namespace) -> None:
@@ -72,7 +73,7 @@ def check_model_args(args: argparse.Namespace) -> None:
 
     if args.weights and args.random_weights:
         raise ConfigError("--weights and --random-weights both given: choose one (--weights DIR for real "
-                          "checkpoints, --random-weights for seeded untrained models)")  # fmt: skip
+                          "checkpoints, --random-weights for seeded untrained models)")
     if args.weights and given(args.preset):
         raise ConfigError(
             f"--preset {args.preset} applies only to --random-weights: with --weights, pass --lite for the lite "
@@ -88,7 +89,7 @@ def check_model_args(args: argparse.Namespace) -> None:
             raise WeightsError(f"--weights {args.weights} {problem}: give the folder that holds the checkpoints")
         if not Path(args.weights).is_dir():
             raise WeightsError(f"--weights {args.weights} is a file: --weights takes the folder that holds the "
-                               f"checkpoints (here {Path(args.weights).parent or '.'})")  # fmt: skip
+                               f"checkpoints (here {Path(args.weights).parent or '.'})")
     if args.random_weights and getattr(args, "text_encoder", None):
         raise ConfigError("--text-encoder applies only to --weights: --random-weights builds its own text encoder")
     if getattr(args, "text_encoder", None):
@@ -152,11 +153,12 @@ def load_from_args(args: argparse.Namespace):
         lora=tuple(getattr(args, "lora", ()) or ()), controlnet=getattr(args, "controlnet", None),
         controlnet_weights=getattr(args, "controlnet_weights", None),
         saliency_model=getattr(args, "saliency_model", None),
-    )  # fmt: skip
+    )
     if args.random_weights:
         print(f"WARNING: {RANDOM_NOTE}", file=sys.stderr)
         return load_pipeline(random_weights=True, preset=str(args.preset), seed=0, **runtime)
-    return load_pipeline(args.weights, preset="lite" if args.lite else "full", text_encoder=args.text_encoder, **runtime)
+    preset = "lite" if args.lite else "full"
+    return load_pipeline(args.weights, preset=preset, text_encoder=args.text_encoder, **runtime)
 
 
 class StageBars:
@@ -184,7 +186,7 @@ class StageBars:
 
 def timing_line(timings: dict[str, float]) -> str:
     names = {"text": "text", "effnet": "effnet", "stage_c": "stage C", "previewer": "previewer",
-             "stage_b": "stage B", "stage_a": "stage A"}  # fmt: skip
+             "stage_b": "stage B", "stage_a": "stage A"}
     parts = [f"{names.get(k, k)} {v:.2f}s" for k, v in timings.items()]
     return "timings: " + " | ".join(parts + [f"total {sum(timings.values()):.2f}s"])
 
@@ -219,12 +221,15 @@ def save_images(images: list, output: str, meta: dict[str, Any], random_weights:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("generate", help="text-to-image (eager by default; --backend per stage, CUDA graphs, memory modes)")
+    p = subparsers.add_parser(
+        "generate", help="text-to-image (eager by default; --backend per stage, CUDA graphs, memory modes)"
+    )
     p.add_argument("prompt")
     p.add_argument("-o", "--output", default="out.png", help="PNG path (with --batch N: out_0.png ...)")
     p.add_argument("--negative", default="", help='negative prompt (default "")')
-    p.add_argument("--height", type=int, default=None, help="multiple of 128 in [256, 2048] (default 1024; 256 for --preset tiny)")
-    p.add_argument("--width", type=int, default=None, help="multiple of 128 in [256, 2048] (default 1024; 256 for --preset tiny)")
+    size_help = "multiple of 128 in [256, 2048] (default 1024; 256 for --preset tiny)"
+    p.add_argument("--height", type=int, default=None, help=size_help)
+    p.add_argument("--width", type=int, default=None, help=size_help)
     p.add_argument("--batch", type=int, default=1, help="images for the prompt")
     p.add_argument("--steps-c", type=int, default=SAMPLING["c"].steps)
     p.add_argument("--steps-b", type=int, default=SAMPLING["b"].steps)
@@ -264,14 +269,14 @@ def check_generate_args(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError("--strength applies only to image-to-image: add --image FILE, or drop --strength")
     check_generation(height=args.height, width=args.width, images_per_prompt=args.batch, steps_c=args.steps_c,
                      steps_b=args.steps_b, cfg_c=args.cfg_c, cfg_b=args.cfg_b, shift_c=args.shift_c, seed=args.seed,
-                     strength=args.strength, image_given=bool(args.image), names=CLI_FLAGS)  # fmt: skip
+                     strength=args.strength, image_given=bool(args.image), names=CLI_FLAGS)
     check_output_path(args.output, "-o")  # the name given (a folder?) and the first file written
     check_output_path(output_paths(args.output, args.batch)[0], "-o")
     images = {"image": open_image(args.image, "--image") if args.image else None,
-              "clip_image": open_image(args.clip_image, "--clip-image") if args.clip_image else None}  # fmt: skip
+              "clip_image": open_image(args.clip_image, "--clip-image") if args.clip_image else None}
     check_batch_memory(model_presets(args), batch=args.batch, height=args.height, width=args.width,
                        dtype=getattr(torch, DTYPES[args.dtype]), mode=memory_mode(args),
-                       device=resolve_device(args.device, CLI_FLAGS), flag="--batch")  # fmt: skip
+                       device=resolve_device(args.device, CLI_FLAGS), flag="--batch")
     return images
 
 
@@ -300,7 +305,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed, image=inputs["image"], clip_image=inputs["clip_image"], strength=float(args.strength),
             preview=args.preview, progress=bars,
             control_image=control["control_image"], mask=control["mask"], control_strength=args.control_strength,
-        )  # fmt: skip
+        )
     finally:
         bars.close()
     meta = {
@@ -308,7 +313,7 @@ def run(args: argparse.Namespace) -> int:
         "width": args.width, "steps_c": args.steps_c, "steps_b": args.steps_b, "cfg_c": args.cfg_c,
         "cfg_b": args.cfg_b, "shift_c": args.shift_c, "dtype": args.dtype,
         "weights": "RANDOM" if args.random_weights else str(args.weights), "lite": args.lite,
-    }  # fmt: skip
+    }
     if args.random_weights:
         meta["preset"] = args.preset
     if pipe.extensions is not None:
@@ -317,7 +322,7 @@ def run(args: argparse.Namespace) -> int:
     paths = save_images(out.images, args.output, meta, args.random_weights)
     if out.previews:
         save_images(out.previews, str(Path(args.output).with_name(Path(args.output).stem + "_preview.png")),
-                    meta, args.random_weights)  # fmt: skip
+                    meta, args.random_weights)
     print(timing_line(out.timings))
     print(f"wrote {', '.join(map(str, paths))} (seed {out.seed})")
     if args.random_weights:

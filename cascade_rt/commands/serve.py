@@ -67,7 +67,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "serve", help="serve an OpenAI-compatible images API (dynamic batching, metrics; --ray for Ray Serve)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+    )
     add_model_args(p)
     add_serve_args(p)
     e = p.add_argument_group("extensions (docs/extensions.md)")
@@ -87,12 +87,12 @@ def config_from_args(args: argparse.Namespace):
     else:
         sizes = parse_sizes(args.sizes)
     name = f"stable-cascade-random-{args.preset}" if args.random_weights else (
-        "stable-cascade-lite" if args.lite else "stable-cascade")  # fmt: skip
+        "stable-cascade-lite" if args.lite else "stable-cascade")
     return ServeConfig(
         sizes=sizes, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
         request_timeout_s=args.request_timeout, warmup_steps=args.warmup_steps, overlap=args.overlap,
         model_name=name, random_weights=args.random_weights, seed=args.seed,
-    )  # fmt: skip
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -111,5 +111,5 @@ def run(args: argparse.Namespace) -> int:
 
     app = create_app(lambda: load_from_args(args), config)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=int(config.request_timeout_s))  # fmt: skip
+                timeout_graceful_shutdown=int(config.request_timeout_s))
     return 0

@@ -77,7 +77,7 @@ class CNetResBlock(nn.Module):
         self.blocks = nn.Sequential(
             LayerNorm2d(c), nn.GELU(), nn.Conv2d(c, c, kernel_size=3, padding=1),
             LayerNorm2d(c), nn.GELU(), nn.Conv2d(c, c, kernel_size=3, padding=1),
-        )  # fmt: skip
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.blocks(x)
@@ -110,14 +110,14 @@ class ControlNet(nn.Module):
             self.backbone = nn.Sequential(
                 nn.Conv2d(embd, embd * 4, kernel_size=3, padding=1), nn.LeakyReLU(0.2, inplace=True),
                 nn.Conv2d(embd * 4, embd, kernel_size=3, padding=1),
-            )  # fmt: skip
+            )
         elif bottleneck_mode == "large":
             embd = 1280
             self.backbone = nn.Sequential(
                 nn.Conv2d(c_in, large_width, kernel_size=1), nn.LeakyReLU(0.2, inplace=True),
                 nn.Conv2d(large_width, 1024, kernel_size=1), *[CNetResBlock(1024) for _ in range(8)],
                 nn.Conv2d(1024, 1280, kernel_size=1),
-            )  # fmt: skip
+            )
         else:
             raise ConfigError(f"unknown ControlNet bottleneck_mode {bottleneck_mode!r}; use effnet, simple or large")
         self.projections = nn.ModuleList()
@@ -125,7 +125,7 @@ class ControlNet(nn.Module):
             proj = nn.Sequential(
                 nn.Conv2d(embd, embd, kernel_size=1, bias=False), nn.LeakyReLU(0.2, inplace=True),
                 nn.Conv2d(embd, c_proj, kernel_size=1, bias=False),
-            )  # fmt: skip
+            )
             nn.init.constant_(proj[-1].weight, 0)  # zero output projection
             self.projections.append(proj)
 
@@ -159,7 +159,7 @@ def resblock_widths(stage_c: nn.Module) -> list[int]:
     """The channel width of every ResBlock of a Stage C in deliverer order (down path, then up path, with repeats)."""
     widths = []
     for blocks, repmaps in ((stage_c.down_blocks, stage_c.down_repeat_mappers),
-                            (stage_c.up_blocks, stage_c.up_repeat_mappers)):  # fmt: skip
+                            (stage_c.up_blocks, stage_c.up_repeat_mappers)):
         for group, repmap in zip(blocks, repmaps):
             for _ in range(len(repmap) + 1):
                 widths += [int(b.depthwise.in_channels) for b in group if isinstance(b, ResBlock)]
@@ -272,7 +272,7 @@ def load_controlnet(
         for k, ref in model.state_dict().items():
             t = source.get(k)
             state[k] = torch.empty(t.shape, dtype=dtype if ref.is_floating_point() else ref.dtype,
-                                   device=device).copy_(t)  # fmt: skip
+                                   device=device).copy_(t)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
@@ -309,16 +309,16 @@ def mask_from_image(mask: Any, size: Sequence[int]) -> Tensor:
     if isinstance(mask, Image.Image):
         if mask.mode not in ("L", "1"):
             raise ConfigError(f"the inpainting mask is a {mask.mode} image; save it as a grayscale ('L') or 1-bit "
-                              "image: white = repaint, black = keep")  # fmt: skip
+                              "image: white = repaint, black = keep")
         if (mask.height, mask.width) != tuple(size):
             raise ConfigError(f"the inpainting mask is {mask.width}x{mask.height}, the control image "
-                              f"{size[1]}x{size[0]}: give a mask of the control image's size")  # fmt: skip
+                              f"{size[1]}x{size[0]}: give a mask of the control image's size")
         return torch.from_numpy(np.asarray(mask.convert("L")).copy() > 127)[None, None]
     if isinstance(mask, Tensor):
         m = mask[None, None] if mask.dim() == 2 else mask
         if m.dim() != 4 or m.shape[1] != 1 or tuple(m.shape[-2:]) != tuple(size):
             raise ConfigError(f"the inpainting mask tensor is {tuple(mask.shape)}; expected (H, W) or (B, 1, H, W) "
-                              f"with H, W = {tuple(size)} (the control image's size)")  # fmt: skip
+                              f"with H, W = {tuple(size)} (the control image's size)")
         return m > 0.5 if m.is_floating_point() else m.bool()
     raise ConfigError(f"the inpainting mask must be a PIL image or a tensor, got {type(mask).__name__}")
 
@@ -341,7 +341,7 @@ class MicroResNet(nn.Module):
             self.resblock = nn.Sequential(
                 nn.ReflectionPad2d(1), nn.Conv2d(c, c, 3), nn.InstanceNorm2d(c, affine=True), nn.ReLU(),
                 nn.ReflectionPad2d(1), nn.Conv2d(c, c, 3), nn.InstanceNorm2d(c, affine=True),
-            )  # fmt: skip
+            )
 
         def forward(self, x: Tensor) -> Tensor:
             return self.resblock(x) + x
@@ -356,12 +356,12 @@ class MicroResNet(nn.Module):
             nn.ReflectionPad2d(4), nn.Conv2d(3, 8, 9, stride=4), nn.InstanceNorm2d(8, affine=True), nn.ReLU(),
             nn.ReflectionPad2d(1), nn.Conv2d(8, 16, 3, stride=2), nn.InstanceNorm2d(16, affine=True), nn.ReLU(),
             nn.ReflectionPad2d(1), nn.Conv2d(16, 32, 3, stride=2), nn.InstanceNorm2d(32, affine=True), nn.ReLU(),
-        )  # fmt: skip
+        )
         self.residual = nn.Sequential(self._Res(32), nn.Conv2d(32, 64, 1, bias=False, groups=32), self._Res(64))
         self.segmentator = nn.Sequential(
             nn.ReflectionPad2d(1), nn.Conv2d(64, 16, 3), nn.InstanceNorm2d(16, affine=True), nn.ReLU(),
             self._Up(), nn.ReflectionPad2d(4), nn.Conv2d(16, 1, 9), nn.Sigmoid(),
-        )  # fmt: skip
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.segmentator(self.residual(self.downsampler(x)))
@@ -440,7 +440,7 @@ def prepare_control(
             m = saliency_mask(pixels, saliency.to(here), threshold, outpaint)
         else:
             raise ConfigError("inpainting needs a mask (--mask, white = repaint) or the official saliency model "
-                              "(--saliency-model saliency_model.pt) to make one")  # fmt: skip
+                              "(--saliency-model saliency_model.pt) to make one")
         pixels = F.interpolate(pixels, size=size, mode="bilinear", antialias=True).clamp(0, 1)
         m = F.interpolate(m.float(), size=size, mode="nearest").bool()
         control = inpaint_filter(pixels, m)

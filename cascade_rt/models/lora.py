@@ -147,7 +147,7 @@ class LoRAWeights:
     def describe(self) -> dict[str, object]:
         """What engine manifests record: the file, its hash, the scale, rank and filters."""
         return {"file": self.source, "sha256": self.digest, "scale": self.scale, "rank": self.rank,
-                "filters": list(self.filters)}  # fmt: skip
+                "filters": list(self.filters)}
 
     def state_dict(self) -> dict[str, Tensor]:
         """The official layout (what train/train_c_lora.py saves)."""
@@ -193,7 +193,7 @@ def _read(path_or_state: str | Path | Mapping[str, Tensor]) -> tuple[dict[str, T
 FOREIGN_LAYOUTS = (
     ("lora_A", "PEFT/diffusers"), ("lora_B", "PEFT/diffusers"), (".lora_down.weight", "kohya"),
     (".lora.down.weight", "diffusers (old)"), ("lora_unet_", "kohya"), ("lora_prior_unet_", "kohya"),
-)  # fmt: skip
+)
 
 
 def load_lora(
@@ -247,10 +247,10 @@ def load_lora(
         r = int(down.shape[0])
         if rank is not None and r != rank:
             raise WeightsError(f"{where} is a rank-{r} LoRA (weights.{i}.lora_down is {tuple(down.shape)}), "
-                               f"rank {rank} was asked for; pass rank={r} or the LoRA of rank {rank}")  # fmt: skip
+                               f"rank {rank} was asked for; pass rank={r} or the LoRA of rank {rank}")
         if r != file_rank or down.dim() != 2 or up.dim() != 2 or up.shape[1] != r:
             raise WeightsError(f"{where}: layer {i} has rank {r} / {tuple(up.shape)}, layer 0 rank {file_rank}; "
-                               "the file is corrupt or not a LoRA checkpoint")  # fmt: skip
+                               "the file is corrupt or not a LoRA checkpoint")
         if (down.shape[1], up.shape[0]) != (in_f, out_f):
             raise WeightsError(
                 f"{where}: layer {i} maps {down.shape[1]} -> {up.shape[0]} features, but {target.name}.{target.param} "
@@ -345,7 +345,7 @@ def _check_bound(model: nn.Module, loras: Sequence[LoRAWeights]) -> list[LoRATar
     for lw in loras:
         if len(lw.layers) != len(targets):
             raise ConfigError(f"LoRA {lw.source} has {len(lw.layers)} layers, the model {len(targets)} targets; "
-                              "load it with load_lora(path, this_model)")  # fmt: skip
+                              "load it with load_lora(path, this_model)")
     return targets
 
 
@@ -374,7 +374,7 @@ class LoRAMerger:
     """
 
     def __init__(self, model: nn.Module, filters: Sequence[str] = DEFAULT_FILTERS,
-                 originals_device: str | torch.device | None = None) -> None:  # fmt: skip
+                 originals_device: str | torch.device | None = None) -> None:
         self.model, self.filters = model, tuple(filters)
         self.targets = lora_targets(model, filters)
         self._originals_device = originals_device
@@ -442,7 +442,7 @@ class ReTokenMerger:
                 )
             if rt.embeddings.shape[1] != table.shape[1]:
                 raise WeightsError(f"ReToken embeddings are {rt.embeddings.shape[1]}-d, the text encoder's "
-                                   f"{table.shape[1]}-d: the LoRA is for another text encoder")  # fmt: skip
+                                   f"{table.shape[1]}-d: the LoRA is for another text encoder")
             table = rt.to(device=table.device, dtype=table.dtype)(table)
         self.table.copy_(table)
 

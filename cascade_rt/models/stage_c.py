@@ -73,7 +73,7 @@ class StageC(CascadeUNet):
             c_hidden=c_hidden, c_cond=c_cond, nhead=nhead, blocks=blocks, block_repeat=block_repeat,
             level_config=level_config, kernel_size=kernel_size, dropout=dropout, self_attn=self_attn,
             downscaler=downscaler, upscaler=upscaler,
-        )  # fmt: skip
+        )
         self.clf = nn.Sequential(
             LayerNorm2d(c_hidden[0], elementwise_affine=False, eps=1e-6),
             nn.Conv2d(c_hidden[0], c_out * patch_size**2, kernel_size=1),
@@ -91,7 +91,8 @@ class StageC(CascadeUNet):
             clip_img = clip_img.unsqueeze(1)
         bsz = clip_txt.size(0)
         txt = self.clip_txt_mapper(clip_txt.to(dtype))
-        pooled = self.clip_txt_pooled_mapper(clip_txt_pooled.to(dtype)).view(bsz, clip_txt_pooled.size(1) * self.c_clip_seq, -1)
+        pooled = self.clip_txt_pooled_mapper(clip_txt_pooled.to(dtype))
+        pooled = pooled.view(bsz, clip_txt_pooled.size(1) * self.c_clip_seq, -1)
         img = self.clip_img_mapper(clip_img.to(dtype)).view(bsz, clip_img.size(1) * self.c_clip_seq, -1)
         return layer_norm_fp32(self.clip_norm, torch.cat([txt, pooled, img], dim=1))
 

@@ -1,4 +1,5 @@
-"""The level structure shared by Stage C and Stage B (official `_down_encode` / `_up_decode`), docs/reference.md §1.3-§1.4.
+"""The level structure shared by Stage C and Stage B (official `_down_encode` / `_up_decode`),
+docs/reference.md §1.3-§1.4.
 
 `CascadeUNet` builds `down_blocks`, `down_downscalers`, `down_repeat_mappers`, `up_blocks`, `up_upscalers`,
 `up_repeat_mappers` exactly as the official classes do, and runs them. Subclasses supply the scalers, the
@@ -62,7 +63,7 @@ class CascadeUNet(nn.Module):
         levels = len(c_hidden)
         self.down_blocks, self.down_downscalers, self.down_repeat_mappers = (
             nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
-        )  # fmt: skip
+        )
         for i in range(levels):
             self.down_downscalers.append(downscaler(i) if i > 0 else nn.Identity())
             self.down_blocks.append(
@@ -134,7 +135,8 @@ class CascadeUNet(nn.Module):
 
     def _up_decode(self, level_outputs: list[torch.Tensor], r_embed: torch.Tensor, kv, cnet=None) -> torch.Tensor:
         x = level_outputs[0]
-        for i, (up_block, upscaler, repmap) in enumerate(zip(self.up_blocks, self.up_upscalers, self.up_repeat_mappers)):
+        levels = zip(self.up_blocks, self.up_upscalers, self.up_repeat_mappers)
+        for i, (up_block, upscaler, repmap) in enumerate(levels):
             for j in range(len(repmap) + 1):
                 for k, block in enumerate(up_block):
                     skip = level_outputs[i] if isinstance(block, ResBlock) and k == 0 and i > 0 else None

@@ -86,7 +86,7 @@ class RuntimePipeline(StableCascadePipeline):
             text_encoder=managed["text"], image_encoder=managed.get("image"), effnet=managed.get("effnet"),
             previewer=managed.get("previewer"), mode=mode,
             **{f"stage_{s}": Managed(s, runners[s], memory) for s in STAGES},
-        )  # fmt: skip
+        )
         self.device = device  # in sequential/offload modes the weights may sit on the CPU right now
         self.runners, self.memory, self.graphed = dict(runners), memory, dict(samplers)
         for stage, sampler in self.graphed.items():  # the pipeline's per-stage sampler hook
@@ -113,7 +113,7 @@ class RuntimePipeline(StableCascadePipeline):
             check_batch_memory(
                 presets, batch=batch, height=height, width=width, dtype=self.dtypes["c"], mode=self.memory.mode,
                 device=self.device, weights_loaded=True, prompts=prompts,
-            )  # fmt: skip
+            )
 
     def _report(self, out: CascadeOutput) -> RuntimeOutput:
         self.memory.finish()
@@ -194,30 +194,30 @@ def load_pipeline(
     extensions = attach_extensions(
         eager, lora=lora, controlnet=controlnet, controlnet_weights=controlnet_weights,
         weights_dir=weights, saliency_model=saliency_model, random_weights=random_weights, seed=seed,
-    )  # fmt: skip
+    )
     ctx = BuildContext(
         device=device, dtype=dtype, shapes=tuple(engine_shapes), engine_dir=Path(engine_dir), model_id=model_id,
         options={"extensions": extensions.describe() if extensions else {}},
-    )  # fmt: skip
+    )
     runners = {s: build_runner(s, getattr(eager, f"stage_{s}"), per_stage[s], ctx) for s in STAGES}
     components = {"text": eager.text_encoder, "image": eager.image_encoder, "effnet": eager.effnet,
-                  "previewer": eager.previewer}  # fmt: skip
+                  "previewer": eager.previewer}
     modules = {name: obj for name, obj in components.items() if isinstance(obj, torch.nn.Module)}
     modules.update({s: runners[s].model for s in STAGES})
     manager = MemoryManager(memory, device, modules)
     samplers = _graphed_samplers(runners, manager, device, cuda_graphs, whole_loop_graphs, graph_debug)
     pipe = RuntimePipeline(runners=runners, memory=manager, samplers=samplers, device=device,
-                           components=components, mode=eager.mode)  # fmt: skip
+                           components=components, mode=eager.mode)
     pipe.extensions = extensions
     logger.info("pipeline: %s, backends %s, memory %s, CUDA graphs on %s", models, pipe.backends, memory,
-                sorted(samplers) or "no stage")  # fmt: skip
+                sorted(samplers) or "no stage")
     return pipe
 
 
 def _graphed_samplers(
     runners: Mapping[str, StageRunner], memory: MemoryManager, device: torch.device, enabled: bool,
     whole_loop: bool, debug: bool,
-) -> dict[str, GraphedSampler]:  # fmt: skip
+) -> dict[str, GraphedSampler]:
     if not enabled:
         return {}
     if device.type != "cuda":
@@ -237,5 +237,5 @@ def _graphed_samplers(
         samplers[stage] = GraphedSampler(
             stage, mode="graph", pool=pool, whole_loop=whole_loop, debug=debug,
             weights=lambda m=module: [*m.parameters(), *m.buffers()],
-        )  # fmt: skip
+        )
     return samplers

@@ -32,7 +32,7 @@ SPEC_STAGE = {"c": "stage_c", "b": "stage_b", "a": "stage_a"}
 
 
 def engine_step(stage: str, engine: Callable[[dict[str, Tensor]], dict[str, Tensor]], dtype: torch.dtype,
-                control_blocks: Sequence[int] = (), control_width: int = 0) -> Callable:  # fmt: skip
+                control_blocks: Sequence[int] = (), control_width: int = 0) -> Callable:
     """The runner's per-step callable over an engine that maps {input name: tensor} -> {output name: tensor}.
 
     cond_kv is packed on every call (one copy kernel: 44 MB for the 3.6B Stage C at batch 2, microseconds on a
@@ -43,7 +43,7 @@ def engine_step(stage: str, engine: Callable[[dict[str, Tensor]], dict[str, Tens
         return lambda latent: engine({"latent": latent.to(dtype)})["images"]
 
     def denoise(x: Tensor, r: Tensor, cond_kv: Sequence[tuple[Tensor, Tensor]], x_add: Tensor | None = None,
-                cnet: Sequence[Tensor | None] | None = None, **t_cond: Tensor) -> Tensor:  # fmt: skip
+                cnet: Sequence[Tensor | None] | None = None, **t_cond: Tensor) -> Tensor:
         if t_cond:
             raise ConfigError(f"engine backends do not take extra t_conds {sorted(t_cond)} (only sca/crp = 0)")
         feed = {"x": x.to(dtype).contiguous(), "r": r.float().contiguous(), "cond_kv": pack_cond_kv(cond_kv)}
@@ -87,12 +87,12 @@ class _EngineBackend:
             self.kind, "stage_c_cnet" if control_blocks else SPEC_STAGE[stage], model, shapes=ctx.shapes,
             engine_dir=ctx.engine_dir, model_id=ctx.model_id, device=ctx.device, cfg=self.cfg(stage),
             extensions=ctx.options.get("extensions") if stage == "c" else None,
-        )  # fmt: skip
+        )
         engine.load()
         width = resblock_widths(model)[control_blocks[0]] if control_blocks else 0
         step = engine_step(stage, engine, ctx.dtype, control_blocks, width)
         return StageRunner(stage, model, backend=self.name, graph_safe=self.graph_safe, tolerance=self.tolerance,
-                           step=step)  # fmt: skip
+                           step=step)
 
 
 class OnnxRuntimeBackend(_EngineBackend):
@@ -113,7 +113,7 @@ class OnnxRuntimeBackend(_EngineBackend):
 
             if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
                 return ("this onnxruntime has no CUDAExecutionProvider, so it cannot run a CUDA stage; "
-                        "pip install onnxruntime-gpu (cascade-rt[gpu]) or run the pipeline on cpu")  # fmt: skip
+                        "pip install onnxruntime-gpu (cascade-rt[gpu]) or run the pipeline on cpu")
         return None
 
 

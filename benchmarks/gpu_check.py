@@ -294,8 +294,11 @@ def _pytest_counts(text: str) -> dict:
     import re
 
     counts = {}
-    for n, what in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected|tests? collected)", text):
-        counts[what.rstrip("s").replace("test collected", "collected").replace("tests collected", "collected")] = int(n)
+    for n, what in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected)\b", text):
+        counts[what.rstrip("s")] = int(n)
+    collected = re.search(r"(\d+)(?:/\d+)? tests? collected", text)  # "13/500 tests collected (487 deselected)"
+    if collected:
+        counts["collected"] = int(collected.group(1))
     return counts
 
 

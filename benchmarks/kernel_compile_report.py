@@ -77,7 +77,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     scope = ("every kept config for sm_90; one config per kernel, dtype and specialisation for the other targets"
              if meta["ci"] else "every kept config for every target")
     return (f"Compiled on the CPU ({scope}) at the released launch shapes (1024², model batch 2, bf16 and fp32), "
-            f"{len(rows)} compiles in {meta['seconds']:.0f} s with {meta['workers']} workers; Triton {v['triton']}, "
+            f"{len(rows)} compiles in {meta['seconds']:.0f} s with {meta['workers']} workers ({meta['triton_cache']} "
+            f"Triton cache); Triton {v['triton']}, "
             f"torch {v['torch']}, ptxas {v['ptxas']}, git {v['git_sha'][:10]}{' (dirty)' if v['git_dirty'] else ''}, "
             f"{v['created']}. Command: `{meta['command']}`.\n\n" + table(rows) + "\n")
 
@@ -106,6 +107,8 @@ def main(argv=None) -> int:
     unknown = [t for t in targets if t not in gc.TARGETS]
     if unknown:
         p.error(f"unknown target(s) {unknown}; known: {', '.join(map(str, gc.TARGETS))}")
+    cache = args.cache_dir or gc.default_cache_dir()
+    warm = os.path.isdir(cache) and bool(os.listdir(cache))
     t0 = time.time()
     if args.ci:
         jobs = gc.compile_jobs(targets_all=tuple(t for t in targets if t == 90),
@@ -113,12 +116,13 @@ def main(argv=None) -> int:
     else:
         jobs = gc.compile_jobs(targets_all=targets, targets_one=())
     print(f"{len(jobs)} compiles for {', '.join(f'sm_{t}' for t in targets)}", flush=True)
-    results = gc.run_jobs(jobs, workers=args.workers, cache_dir=args.cache_dir)
+    results = gc.run_jobs(jobs, workers=args.workers, cache_dir=cache)
     rows = [{"kernel": j.kernel, "target": j.target, "config": j.config, "constexprs": j.constexprs,
-             "signature": j.signature, "launches": j.launches, "shapes": j.shapes,
+             "dtype": next(iter(j.signature.values())), "shapes": j.shapes,
              **{k: v for k, v in r.items() if k != "key"}} for j, r in zip(jobs, results)]
     meta = {"schema": "cascade-rt-kernel-compile/1", "command": " ".join(["kernel_compile_report", *(argv or sys.argv[1:])]),
             "ci": args.ci, "targets": targets, "workers": args.workers, "seconds": time.time() - t0,
+            "triton_cache": "warm" if warm else "cold",
             "versions": versions(), "all_spilling_shapes_sm90": gc.all_spilling_shapes(jobs, results, 90)
             if not args.ci or 90 in targets else None}
     args.out.mkdir(parents=True, exist_ok=True)

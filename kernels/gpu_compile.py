@@ -206,9 +206,7 @@ def shape_id(launch: Launch, dtype: torch.dtype) -> str:
 def _specialise(kernel: KernelSpec, launch: Launch, cfg: triton.Config, target: int):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
-    from triton.runtime.jit import create_function_from_signature
-
-    from triton.runtime.jit import JITFunction
+    from triton.runtime.jit import JITFunction, create_function_from_signature
 
     fn = jit_function(kernel.name)
     if not isinstance(fn, JITFunction):  # under the interpreter: the JIT view of the same source (binding only)
@@ -216,7 +214,8 @@ def _specialise(kernel: KernelSpec, launch: Launch, cfg: triton.Config, target: 
     backend = make_backend(GPUTarget("cuda", target, 32))
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     nargs = {k: _ArgStandIn(v) if isinstance(v, torch.Tensor) else v for k, v in launch.nargs.items()}
-    kwargs = {**{k: v for k, v in launch.kwargs.items() if k not in ("num_warps", "num_stages")}, **cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    kwargs = {k: v for k, v in launch.kwargs.items() if k not in ("num_warps", "num_stages")}  # the config's win
+    kwargs.update(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     bound, specialization, options = binder(**nargs, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
     opts = {k: v for k, v in options.__dict__.items() if k in ("num_warps", "num_stages", "num_ctas", "maxnreg")}
@@ -359,6 +358,11 @@ def _worker(job_file: str, out_file: str, cache_dir: str) -> None:
             out.flush()
 
 
+def default_cache_dir() -> str:
+    """The Triton cache of these compiles: a folder under the temp dir, kept between runs."""
+    return os.path.join(tempfile.gettempdir(), "cascade-rt-triton-aot-cache")
+
+
 def _child_setup(nice: int) -> None:
     """In a compile worker before exec: lower its priority, and end it when its parent dies (Linux)."""
     os.nice(nice)
@@ -376,7 +380,7 @@ def run_jobs(jobs: list[Job], *, workers: int = 2, cache_dir: str | None = None,
     """Compile ``jobs`` in ``workers`` fresh processes (``TRITON_INTERPRET`` unset, ``nice``d), with the Triton
     cache in ``cache_dir`` (default: a directory under the system temp dir kept between runs). Returns one result
     per job, in order: ``{ok, registers, spill_stores, spill_loads, stack_frame, shared}`` or ``{ok: False, error}``."""
-    cache_dir = cache_dir or os.path.join(tempfile.gettempdir(), "cascade-rt-triton-aot-cache")
+    cache_dir = cache_dir or default_cache_dir()
     os.makedirs(cache_dir, exist_ok=True)
     # heaviest first (attention fp32), round robin: the workers finish together
     order = sorted(range(len(jobs)), key=lambda i: (jobs[i].kernel != "attention", -len(jobs[i].shapes)))

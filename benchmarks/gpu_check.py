@@ -151,7 +151,7 @@ def summary_markdown(env: dict, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-# ------------------------------------------------------------------------------------------------ helpers
+# ------------------------------------------------------------------------------------------- timing, graphs
 class Ctx:
     def __init__(self, dry: bool) -> None:
         import torch
@@ -275,14 +275,16 @@ def part_tests(rec: Recorder, ctx: Ctx, args) -> None:
         env.pop("TRITON_INTERPRET", None)
     t0 = time.time()
     log = rec.out / "pytest-gpu.log"
-    try:
-        res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-        text, rc = res.stdout + res.stderr, res.returncode
-    except subprocess.TimeoutExpired as exc:
-        text = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        text += f"\n[gpu_check] stopped after {timeout:.0f} s (the tests' share of the budget)\n"
-        rc = "timeout"
-    log.write_text(" ".join(cmd) + "\n\n" + text)
+    with log.open("w") as f:  # streamed: a kill mid-run keeps what pytest printed so far
+        f.write(" ".join(cmd) + "\n\n")
+        f.flush()
+        try:
+            rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout,
+                                check=False).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+            f.write(f"\n[gpu_check] stopped after {timeout:.0f} s (the tests' share of the budget)\n")
+    text = log.read_text()
     counts = _pytest_counts(text)
     status = "ok" if rc == 0 or (ctx.dry and rc == 5) else ("timeout" if rc == "timeout" else "failed")
     failures = [ln for ln in text.splitlines() if ln.startswith(("FAILED", "ERROR"))][:20]

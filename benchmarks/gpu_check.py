@@ -322,12 +322,26 @@ def _stage_inputs(ctx: Ctx, stage: str, model, batch: int):
     return rnd(*shapes["b"]), r, raw, {"latent_hw": shapes["b"][-2:]}
 
 
+def build_on_device(ctx: Ctx, preset: str):
+    """The preset's model with seeded random weights created on the device in the run's dtype: the modules
+    initialise under that default dtype, so a 3.6B model never exists in fp32 or on the CPU."""
+    import torch
+
+    from cascade_rt.models import build_model
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(ctx.dtype)
+    try:
+        return build_model(preset, device=ctx.device, dtype=ctx.dtype, seed=0)
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def part_steps(rec: Recorder, ctx: Ctx, args) -> dict:
     """Per stage: {combo label: ms} of the combinations that ran (part 3 picks the best from it)."""
     import torch
 
     from cascade_rt.benchmarks import roofline
-    from cascade_rt.models import build_model
     from cascade_rt.runtime.backends import BuildContext, build_runner
 
     best: dict[str, dict] = {}
@@ -343,7 +357,7 @@ def part_steps(rec: Recorder, ctx: Ctx, args) -> dict:
             rec.not_run("steps", f"{stage}/model", need)
             continue
         t0 = time.time()
-        model = build_model(preset, device=ctx.device, dtype=ctx.dtype, seed=0)
+        model = build_on_device(ctx, preset)
         ctx.sync()
         build_s = time.time() - t0
         cost = roofline._stage_cost(stage, preset, "stage_b_tiny" if ctx.dry else "stage_b", ctx.res, ctx.res, ctx.dtype)

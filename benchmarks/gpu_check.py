@@ -342,6 +342,7 @@ def part_steps(rec: Recorder, ctx: Ctx, args) -> dict:
     import torch
 
     from cascade_rt.benchmarks import roofline
+    from cascade_rt.errors import BackendUnavailable
     from cascade_rt.runtime.backends import BuildContext, build_runner
 
     best: dict[str, dict] = {}
@@ -411,6 +412,8 @@ def part_steps(rec: Recorder, ctx: Ctx, args) -> dict:
                 rec.record("steps", name, **row)
                 if backend != "diffusers":
                     best[stage][label] = ms
+            except (BackendUnavailable, ImportError) as exc:  # e.g. diffusers not installed: not a failure
+                rec.record("steps", name, "skipped", **base, reason=f"{type(exc).__name__}: {exc}")
             except Exception as exc:
                 rec.record("steps", name, "failed", **base, error=f"{type(exc).__name__}: {exc}",
                            traceback=traceback.format_exc()[-3000:])
@@ -476,6 +479,9 @@ def part_e2e(rec: Recorder, ctx: Ctx, args, best: dict) -> None:
                        rel_l2_vs_eager=rel_l2(pixels, ref) if ref is not None and pixels is not None else None,
                        timings=getattr(out, "timings", None), preset=preset, res=ctx.res, batch=1)
             del pipe, out
+        except ImportError as exc:  # the text encoder needs open_clip: ship its wheel in ./wheels
+            rec.record("e2e", name, "skipped", backends=spec, graphs=use_graphs,
+                       reason=f"{type(exc).__name__}: {exc} (put its wheel in ./wheels)")
         except Exception as exc:
             rec.record("e2e", name, "failed", backends=spec, graphs=use_graphs, error=f"{type(exc).__name__}: {exc}",
                        traceback=traceback.format_exc()[-3000:])

@@ -385,6 +385,8 @@ def part_steps(rec: Recorder, ctx: Ctx, args) -> dict:
                            "CPU; the GPU run builds it")
                 return
             try:
+                if ctx.device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
                 t0 = time.time()
                 if backend == "diffusers":
                     from cascade_rt.benchmarks.peers import build_diffusers

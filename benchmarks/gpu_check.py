@@ -17,7 +17,8 @@ so a kill at any point keeps everything finished so far; a part that no longer f
                fastest of our backends per stage, with CUDA graphs when they won).
 4. ``kernels`` per-kernel µs at the released shapes and % of the DRAM bandwidth a device copy reaches.
 
-Outputs in ``--out`` (default ``out/gpu-check/<UTC stamp>``): ``results.jsonl`` (one JSON object per line: the
+Outputs in ``--out`` (default ``benchmarks/results/gpu-check-<UTC stamp>-<device>-<git sha>``; a dry run:
+``out/gpu-check/<UTC stamp>-dry-run``): ``results.jsonl`` (one JSON object per line: the
 environment first, then one per result), ``summary.md`` (the README's GPU table, with device, driver, versions and
 the command), ``pytest-gpu.log``.
 """
@@ -100,7 +101,8 @@ def _fmt(v, spec=".3g") -> str:
 
 def summary_markdown(env: dict, rows: list[dict]) -> str:
     """The summary: environment, then one table per part (the README's GPU table is the ``steps`` one)."""
-    lines = ["# GPU check" + (" (dry run on the CPU: tiny presets, not a GPU measurement)" if env.get("dry_run") else ""),
+    dry = " (dry run on the CPU: tiny presets, not a GPU measurement)" if env.get("dry_run") else ""
+    lines = ["# GPU check" + dry,
              "", f"`{env.get('command', '')}`", "",
              f"device: {env.get('device')} · driver {env.get('driver')} · torch {env.get('torch')} · triton "
              f"{env.get('triton')} · CUDA {env.get('cuda')} · diffusers {env.get('diffusers')} · git "
@@ -109,13 +111,15 @@ def summary_markdown(env: dict, rows: list[dict]) -> str:
     for r in rows:
         by_part.setdefault(r["part"], []).append(r)
     if "tests" in by_part:
-        lines += ["## GPU tests (`pytest -m gpu`)", "", "| run | status | passed | failed | skipped | s |", "|---|---|---|---|---|---|"]
+        lines += ["## GPU tests (`pytest -m gpu`)", "", "| run | status | passed | failed | skipped | s |",
+                  "|---|---|---|---|---|---|"]
         lines += [f"| {r['name']} | {r['status']} | {_fmt(r.get('passed'))} | {_fmt(r.get('failed'))} | "
                   f"{_fmt(r.get('skipped'))} | {_fmt(r.get('seconds'), '.0f')} |" for r in by_part["tests"]]
         lines.append("")
     if "steps" in by_part:
         lines += ["## One denoiser step (batch 2 = one prompt with CFG)", "",
-                  "| stage | combination | ms / step | × vs eager | rel. L2 vs eager | floor ms | % of floor | first call s | status |",
+                  "| stage | combination | ms / step | × vs eager | rel. L2 vs eager | floor ms | % of floor | "
+                  "first call s | status |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in by_part["steps"]:
             if r["name"].endswith("/model"):
@@ -128,14 +132,16 @@ def summary_markdown(env: dict, rows: list[dict]) -> str:
                          f"{': ' + r['error'][:120] if r.get('error') else ''} |")
         floors = [r for r in by_part["steps"] if r["name"].endswith("/model")]
         for r in floors:
-            lines.append(f"\n{r.get('stage')} {r.get('preset')}: {_fmt(r.get('tflop_per_step'), '.3g')} TFLOP per step, "
+            lines.append(f"\n{r.get('stage')} {r.get('preset')}: {_fmt(r.get('tflop_per_step'), '.3g')} TFLOP per "
+                         "step, "
                          f"matmul peak {_fmt(r.get('matmul_tflops'), '.3g')} TFLOP/s ({r.get('matmul_dtype')}), "
                          f"built in {_fmt(r.get('build_s'), '.1f')} s")
         lines.append("")
     if "e2e" in by_part:
         lines += ["## End to end (load_pipeline, batch 1)", "", "| run | backends | graphs | s / image | × vs eager | "
                   "rel. L2 of pixels vs eager | status |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['name']} | {r.get('backends', '')} | {r.get('graphs', '')} | {_fmt(r.get('seconds'), '.2f')} | "
+        lines += [f"| {r['name']} | {r.get('backends', '')} | {r.get('graphs', '')} | "
+                  f"{_fmt(r.get('seconds'), '.2f')} | "
                   f"{_fmt(r.get('speedup_vs_eager'), '.2f')} | {_fmt(r.get('rel_l2_vs_eager'), '.2e')} | {r['status']}"
                   f"{': ' + (r.get('reason') or r.get('error') or '')[:120] if r['status'] != 'ok' else ''} |"
                   for r in by_part["e2e"]]
@@ -315,7 +321,8 @@ def _stage_inputs(ctx: Ctx, stage: str, model, batch: int):
     shapes = latent_shapes(batch, ctx.res, ctx.res)
     r = torch.full((batch,), 0.5, device=ctx.device)
     if stage == "c":
-        raw = (rnd(batch, 77, model.clip_txt_mapper.in_features), rnd(batch, 1, model.clip_txt_pooled_mapper.in_features),
+        raw = (rnd(batch, 77, model.clip_txt_mapper.in_features),
+               rnd(batch, 1, model.clip_txt_pooled_mapper.in_features),
                rnd(batch, 1, model.clip_img_mapper.in_features))
         return rnd(*shapes["c"]), r, raw, {}
     raw = (rnd(*shapes["c"]), rnd(batch, 1, model.clip_mapper.in_features))
@@ -361,7 +368,8 @@ def part_steps(rec: Recorder, ctx: Ctx, args) -> dict:
         model = build_on_device(ctx, preset)
         ctx.sync()
         build_s = time.time() - t0
-        cost = roofline._stage_cost(stage, preset, "stage_b_tiny" if ctx.dry else "stage_b", ctx.res, ctx.res, ctx.dtype)
+        pooled_preset = "stage_b_tiny" if ctx.dry else "stage_b"
+        cost = roofline._stage_cost(stage, preset, pooled_preset, ctx.res, ctx.res, ctx.dtype)
         flops = cost["flops_per_sample"] * batch
         floor_ms = flops / (peak["tflops"] * 1e12) * 1e3 if peak["tflops"] > 0 else None
         rec.record("steps", f"{stage}/model", stage=stage, preset=preset, build_s=build_s, params=cost["params"],
@@ -410,7 +418,8 @@ def part_steps(rec: Recorder, ctx: Ctx, args) -> dict:
                            rel_l2_vs_eager=rel_l2(out, state["ref"]) if state["ref"] is not None else None,
                            speedup_vs_eager=state["eager_ms"] / ms if state["eager_ms"] else None,
                            pct_of_floor=100 * floor_ms / ms if floor_ms else None,
-                           peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if ctx.device.type == "cuda" else None)
+                           peak_memory_gib=(torch.cuda.max_memory_allocated() / 2**30
+                                            if ctx.device.type == "cuda" else None))
                 rec.record("steps", name, **row)
                 if backend != "diffusers":
                     best[stage][label] = ms
@@ -544,7 +553,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=float(os.environ.get("GPU_CHECK_BUDGET_S", "480")),
                    help="wall-clock budget in seconds, counted from GPU_CHECK_T0 (set by gpu_check.sh) or start")
     p.add_argument("--parts", default=",".join(PARTS), help="comma list, in this order: " + ", ".join(PARTS))
-    p.add_argument("--out", type=Path, default=None, help="output folder (default out/gpu-check/<UTC stamp>)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results/"
+                   "gpu-check-<UTC stamp>-<device>-<sha>; dry run: out/gpu-check/<UTC stamp>-dry-run)")
     p.add_argument("--tests-cap-s", type=float, default=150, help="most seconds the GPU tests may take")
     args = p.parse_args(argv)
     args.parts = [x.strip() for x in args.parts.split(",") if x.strip()]
@@ -566,9 +576,16 @@ def main(argv=None) -> int:
               "same code path on the CPU with the tiny presets.", file=sys.stderr)
         return 2
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    out = args.out or ROOT / "out" / "gpu-check" / (stamp + ("-dry-run" if args.dry_run else ""))
+    env = environment(args, args.dry_run)
+    if args.out is not None:
+        out = args.out
+    elif args.dry_run:  # not a measurement: kept out of benchmarks/results
+        out = ROOT / "out" / "gpu-check" / f"{stamp}-dry-run"
+    else:
+        device = "".join(ch if ch.isalnum() else "-" for ch in env["device"]).strip("-")
+        out = ROOT / "benchmarks" / "results" / f"gpu-check-{stamp}-{device}-{env['git_sha'][:7] or 'nogit'}"
     ctx = Ctx(args.dry_run)
-    rec = Recorder(out, args.budget_s, t0, environment(args, args.dry_run))
+    rec = Recorder(out, args.budget_s, t0, env)
     if ctx.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
     best: dict = {}

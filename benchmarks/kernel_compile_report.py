@@ -43,7 +43,8 @@ def versions() -> dict:
     ptxas = get_ptxas_version(90).strip().splitlines()[-1]
     return {"created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "triton": triton.__version__,
             "torch": torch.__version__, "ptxas": ptxas, "ptxas_path": os.path.basename(get_ptxas(90).path),
-            "git_sha": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+            "git_sha": git("rev-parse", "HEAD"),
+            "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
             "python": sys.version.split()[0]}
 
 
@@ -120,7 +121,8 @@ def main(argv=None) -> int:
     rows = [{"kernel": j.kernel, "target": j.target, "config": j.config, "constexprs": j.constexprs,
              "dtype": next(iter(j.signature.values())), "shapes": j.shapes,
              **{k: v for k, v in r.items() if k != "key"}} for j, r in zip(jobs, results)]
-    meta = {"schema": "cascade-rt-kernel-compile/1", "command": " ".join(["kernel_compile_report", *(argv or sys.argv[1:])]),
+    command = " ".join(["kernel_compile_report", *(argv or sys.argv[1:])])
+    meta = {"schema": "cascade-rt-kernel-compile/1", "command": command,
             "ci": args.ci, "targets": targets, "workers": args.workers, "seconds": time.time() - t0,
             "triton_cache": "warm" if warm else "cold",
             "versions": versions(), "all_spilling_shapes_sm90": gc.all_spilling_shapes(jobs, results, 90)

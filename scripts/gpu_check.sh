@@ -8,7 +8,8 @@
 # ftfy for the text encoder, diffusers for the peer baseline) may be shipped in ./wheels or $GPU_CHECK_WHEELS:
 # they are installed with `pip install --no-index` into a folder under the temp dir, never into the environment.
 # Results are written the moment they exist: DIR/results.jsonl, DIR/summary.md, DIR/pytest-gpu.log
-# (default DIR: out/gpu-check/<UTC stamp>). What each part does and costs: benchmarks/README.md.
+# (default DIR: benchmarks/results/gpu-check-<UTC stamp>-<device>-<sha>; a dry run: out/gpu-check/). What each
+# part does and costs: benchmarks/README.md.
 set -uo pipefail
 export GPU_CHECK_T0=${GPU_CHECK_T0:-$(date +%s)}  # the budget counts from here: imports and installs included
 cd "$(dirname "$0")/.."

@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def _run(tmp_path: Path, *args: str, timeout: float = 900) -> tuple[subprocess.CompletedProcess, list[dict]]:
     env = {k: v for k, v in os.environ.items() if k not in ("GPU_CHECK_T0", "GPU_CHECK_BUDGET_S")}
     env["PYTHON"] = sys.executable
-    res = subprocess.run(["nice", "-n", "10", "bash", "scripts/gpu_check.sh", "--dry-run", "--out", str(tmp_path), *args],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    cmd = ["nice", "-n", "10", "bash", "scripts/gpu_check.sh", "--dry-run", "--out", str(tmp_path), *args]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     lines = (tmp_path / "results.jsonl").read_text().splitlines() if (tmp_path / "results.jsonl").exists() else []
     return res, [json.loads(x) for x in lines]
 

@@ -31,10 +31,10 @@ import torch
 import triton
 
 from cascade_rt.kernels import _common
-from cascade_rt.kernels import gpu_compile as gc
 from cascade_rt.kernels import attention as attn_mod
 from cascade_rt.kernels import dwconv_layernorm as dwln_mod
 from cascade_rt.kernels import gelu_grn as grn_mod
+from cascade_rt.kernels import gpu_compile as gc
 from cascade_rt.kernels import modulation as mod_mod
 from cascade_rt.kernels import stage_a_block as sa_mod
 

@@ -60,7 +60,7 @@ def test_no_kept_config_spills_on_sm90(compiled):
 
 
 @pytest.mark.slow
-def test_the_checks_can_fail(tmp_path):
+def test_the_checks_can_fail():
     """A config the prune would never keep (fp32 attention, 128x128 tile on 4 warps) spills, and the shape it is
     the only config of is reported as all-spilling; ptxas's report is parsed."""
     launch = next(x for x in gc.traced("stage_c", 1024, 2, torch.float32) if x.kernel == "attention")
@@ -68,11 +68,10 @@ def test_the_checks_can_fail(tmp_path):
     assert not gc.BY_NAME["attention"].predicate(big, launch.args)
     sig, cx, attrs, opts = gc._specialise(gc.BY_NAME["attention"], launch, big, 90)
     job = gc.Job("attention", 90, str(big), sig, cx, attrs, opts, ["stage_c"], [gc.shape_id(launch, torch.float32)])
-    (res,) = gc.run_jobs([job], workers=1, cache_dir=str(tmp_path))
+    (res,) = gc.run_jobs([job], workers=1)
     assert res["ok"] and res["spill_stores"] > 0, res
     assert gc.all_spilling_shapes([job], [res]) == ["attention[N=576, S=85, HEAD_DIM=64, PRECISION=ieee, float32]"]
-    bad = gc.run_jobs([gc.Job("attention", 90, str(big), {**sig, "N": "i1024"}, cx, attrs, opts)], workers=1,
-                      cache_dir=str(tmp_path))
+    bad = gc.run_jobs([gc.Job("attention", 90, str(big), {**sig, "N": "i1024"}, cx, attrs, opts)], workers=1)
     assert not bad[0]["ok"] and bad[0]["error"]
     assert gc.parse_ptxas("ptxas info    : Used 40 registers, used 1 barriers, 24 bytes stack frame, "
                           "8 bytes spill stores, 12 bytes spill loads") == {

@@ -128,9 +128,12 @@ def main(argv=None) -> int:
             "versions": versions(), "all_spilling_shapes_sm90": gc.all_spilling_shapes(jobs, results, 90)
             if not args.ci or 90 in targets else None}
     args.out.mkdir(parents=True, exist_ok=True)
+    shape_ids = sorted({s for r in rows for s in r["shapes"]})
+    index = {s: i for i, s in enumerate(shape_ids)}
+    slim = [{**r, "shapes": [index[s] for s in r["shapes"]]} for r in rows]  # indices into "launch_shapes"
     (args.out / "kernel-compile.json").write_text(  # one compile per line
-        json.dumps({**meta, "compiles": "ROWS"}, indent=1, default=str).replace(
-            '"ROWS"', "[\n" + ",\n".join(json.dumps(r, default=str) for r in rows) + "\n]"))
+        json.dumps({**meta, "launch_shapes": shape_ids, "compiles": "ROWS"}, indent=1, default=str).replace(
+            '"ROWS"', "[\n" + ",\n".join(json.dumps(r, default=str) for r in slim) + "\n]"))
     md = markdown(meta, rows)
     (args.out / "kernel-compile.md").write_text("# Triton kernels compiled for GPU targets\n\n" + md)
     if args.docs:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
+import functools
 import inspect
 import json
 import logging
@@ -190,7 +191,7 @@ def bench_stages(device, dtype, batch: int, height: int, width: int, runs: int, 
     for stage, preset in (("c", "stage_c"), ("b", "stage_b")):
         model = build_model(preset, device=device, dtype=dtype, seed=0)
         x, r, cond = _stage_inputs(stage, model, batch, height, width, device, dtype)
-        step = lambda: model.denoise(x, r, **cond)  # noqa: E731
+        step = functools.partial(model.denoise, x, r, **cond)
         modes = [False, True] if graphs else [False]
         for backend in ("eager", "triton"):
             if backend == "triton":

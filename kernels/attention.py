@@ -64,20 +64,30 @@ def _attend(acc, m_i, l_i, q, k_base, v_base, s_kn, s_vn, start, end, qk_scale, 
 def _gpu_configs():
     """The full GPU autotune list (before ``_keep`` prunes it per shape), also under the interpreter."""
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=nw, num_stages=ns)
-            for bm in (64, 128) for bn in (32, 64, 128) for nw in (4, 8) for ns in (2, 3, 4)]
+            for bm in (32, 64, 128) for bn in (32, 64, 128) for nw in (4, 8) for ns in (2, 3, 4)]
 
 
 def _configs():
     return pick_configs(_gpu_configs(), triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1))
 
 
+# fp32 ("ieee") dots run on FMA units with the score tile in registers: ptxas (sm_90) spills as soon as a tile
+# holds more than 8 scores per thread (BLOCK_M x BLOCK_N or BLOCK_S), e.g. 64x64 on 4 warps; fewer leave
+# registers idle. docs/kernels.md.
+IEEE_SCORES_PER_THREAD = 8
+IEEE_BLOCK_S = 32  # the conditioning tile of fp32 launches (64 for bf16/fp16)
+
+
 def _keep(cfg, args) -> bool:
     bm, bn, d = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], args["BLOCK_D"]
-    itemsize = 4 if args["PRECISION"] == "ieee" else 2
+    ieee = args["PRECISION"] == "ieee"
+    itemsize = 4 if ieee else 2
     smem = cfg.num_stages * 2 * bn * d * itemsize + bm * d * itemsize  # pipelined K, V tiles + Q
-    return (smem <= 180 * 1024
-            and bn <= max(32, triton.next_power_of_2(args["N"]))
-            and (bm == 64 or (cfg.num_warps == 8 and args["N"] >= 512))  # 128-row tiles only when there are many
+    if smem > 180 * 1024 or bn > max(32, triton.next_power_of_2(args["N"])):
+        return False
+    if ieee:  # fp32: exactly 8 scores per thread, e.g. 64x32 tiles on 8 warps or 32x32 on 4
+        return bm * max(bn, args["BLOCK_S"]) == IEEE_SCORES_PER_THREAD * 32 * cfg.num_warps
+    return (bm == 64 or (bm == 128 and cfg.num_warps == 8 and args["N"] >= 512)  # 128-row tiles only when many
             and not (bm == 64 and cfg.num_warps == 8 and d <= 64))
 
 
@@ -151,8 +161,8 @@ def attention(qkv: torch.Tensor, heads: int, cond_k: torch.Tensor | None = None,
     if n == 0:
         return out
     qk_scale = (scale if scale is not None else 1.0 / math.sqrt(d)) * 1.4426950408889634  # * log2(e)
-    block_s = min(64, max(16, triton.next_power_of_2(max(s, 1))))
     precision = "ieee" if qkv.dtype == torch.float32 else "tf32"  # fp32 stays exact; bf16 ignores it
+    block_s = min(IEEE_BLOCK_S if precision == "ieee" else 64, max(16, triton.next_power_of_2(max(s, 1))))
     grid = lambda m: (triton.cdiv(n, m["BLOCK_M"]), bsz * heads)  # noqa: E731
     _attention_kernel[grid](qkv, cond_k, cond_v, out, n, s, heads, c,
                             qkv.stride(0), qkv.stride(1), cond_k.stride(0), cond_k.stride(1),

@@ -41,9 +41,13 @@ def _configs():
 
 
 def _keep(cfg, args) -> bool:
-    # Tile = BLOCK_P pixels x BLOCK_C channels of fp32: keep 16..64 accumulator values per thread.
+    # Tile = BLOCK_P pixels x BLOCK_C channels of fp32 accumulators. What ptxas (sm_90) compiles without spilling:
+    # fp32 input: exactly 16 values per thread on at most 8 warps (the 9 taps' fp32 loads are in flight together);
+    # bf16/fp16: 16..64 per thread, 16..32 on 16 warps (which cap a thread at 128 registers). docs/kernels.md.
     per_thread = cfg.kwargs["BLOCK_P"] * args["BLOCK_C"] // (32 * cfg.num_warps)
-    return 16 <= per_thread <= 64
+    if args["x_ptr"].element_size() >= 4:
+        return per_thread == 16 and cfg.num_warps <= 8
+    return 16 <= per_thread <= (32 if cfg.num_warps == 16 else 64)
 
 
 @triton.autotune(configs=_configs(), key=["H", "W", "C"], prune_configs_by={"early_config_prune": pruned(_keep)})

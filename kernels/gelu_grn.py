@@ -60,7 +60,7 @@ def _keep_tile(cfg, args) -> bool:
 @triton.autotune(configs=_tile_configs(64, 128), key=["P", "C", "SPLIT"],
                  prune_configs_by={"early_config_prune": pruned(_keep_tile)})
 @triton.jit
-def _gelu_grn_stats_kernel(h_ptr, part_ptr, P, C, rows_per_split, SPLIT: tl.constexpr,
+def _gelu_grn_stats_kernel(h_ptr, part_ptr, P, C, rows_per_split, SPLIT,
                            BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     b = tl.program_id(0)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -80,7 +80,7 @@ def _gelu_grn_stats_kernel(h_ptr, part_ptr, P, C, rows_per_split, SPLIT: tl.cons
 
 
 @triton.jit
-def _gelu_grn_finalize_kernel(part_ptr, gamma_ptr, scale_ptr, C, eps, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+def _gelu_grn_finalize_kernel(part_ptr, gamma_ptr, scale_ptr, C, eps, SPLIT, BLOCK: tl.constexpr):
     b = tl.program_id(0)
     total = tl.zeros((BLOCK,), dtype=tl.float32)
     for c0 in range(0, C, BLOCK):

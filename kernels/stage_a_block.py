@@ -99,8 +99,10 @@ def _conv_configs():
 
 
 def _conv_keep(cfg, args) -> bool:
+    # 4..32 fp32 accumulators per thread; with fp32 input at most 16 (beyond that ptxas spills on sm_90)
     per_thread = cfg.kwargs["BLOCK_W"] * cfg.kwargs["BLOCK_C"] // (32 * cfg.num_warps)
-    return (4 <= per_thread <= 32 and cfg.kwargs["BLOCK_C"] <= max(32, triton.next_power_of_2(args["C"]))
+    most = 16 if args["h_ptr"].element_size() >= 4 else 32
+    return (4 <= per_thread <= most and cfg.kwargs["BLOCK_C"] <= max(32, triton.next_power_of_2(args["C"]))
             and cfg.kwargs["BLOCK_W"] <= max(4, triton.next_power_of_2(args["W"])))
 
 

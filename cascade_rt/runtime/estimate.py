@@ -12,8 +12,8 @@ flash attention avoids). The peak of a memory mode follows from the per-stage nu
 * offload:    everything but the streamed blocks + max over stages of (2 largest blocks + its activations)
 
 `peak_allocated` is comparable to `torch.cuda.max_memory_allocated`; `peak_device` adds the CUDA context and
-allocator slack (`OVERHEAD_BYTES`), i.e. what a card must have free. The GPU check compares both with
-measurements (benchmarks/gpu_runtime_check.py).
+allocator slack (`OVERHEAD_BYTES`), i.e. what a card must have free. The GPU test of the memory modes
+(tests/runtime/test_memory.py, run by scripts/gpu_check.sh) compares them with measurements.
 """
 
 from __future__ import annotations

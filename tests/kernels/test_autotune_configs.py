@@ -8,7 +8,8 @@ never run in CPU CI. This file checks them on the CPU without launching anything
    ``stages.latent_shapes``), model batch 2 and 8 (CFG doubles the pipeline batch), bf16 and fp32. The
    autotuned kernels are swapped for recorders, so every launcher computes its arguments itself (N, S, HEAD_DIM,
    BLOCK_D, BLOCK_S, PRECISION, P, C, BLOCK_C, SPLIT, ...) and the recorder keeps them with the grid callable.
-   Only gelu_grn's SPLIT needs a GPU: ``_default_split`` runs with an H100's 132 SMs.
+   Only gelu_grn's SPLIT needs a GPU: ``_default_split`` runs with an H100's 132 SMs. (The tracer is
+   ``cascade_rt.kernels.gpu_compile.traced``.)
 2. Each kernel's full GPU list (``_gpu_configs`` & co., the list ``pick_configs`` is given) is pruned with the
    kernel's predicate, called as Triton calls the hook: ``predicate(config, {**named_args, **kwargs})``.
 3. On the kept configs: at least one survives, at least two where the list allows (``MIN_KEPT``); block sizes
@@ -20,11 +21,8 @@ never run in CPU CI. This file checks them on the CPU without launching anything
 """
 from __future__ import annotations
 
-import functools
 import inspect
-from contextlib import ExitStack
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Callable
 from unittest import mock
 
@@ -36,12 +34,9 @@ from cascade_rt.kernels import _common
 from cascade_rt.kernels import attention as attn_mod
 from cascade_rt.kernels import dwconv_layernorm as dwln_mod
 from cascade_rt.kernels import gelu_grn as grn_mod
+from cascade_rt.kernels import gpu_compile as gc
 from cascade_rt.kernels import modulation as mod_mod
 from cascade_rt.kernels import stage_a_block as sa_mod
-from cascade_rt.kernels.backend import apply_triton_kernels
-from cascade_rt.models.presets import build_model
-from cascade_rt.models.text import ClipTextConfig
-from cascade_rt.stages import latent_shapes
 
 H100_SMS = 132  # H100 SXM
 H100_SMEM_PER_BLOCK = 227 * 1024  # sm_90: max shared memory per block (opt-in)
@@ -103,87 +98,22 @@ KERNELS = [
            sa_mod._conv_configs, sa_mod._conv_keep, lambda c, a: (c.kwargs["BLOCK_W"], c.kwargs["BLOCK_C"])),
 ]
 BY_NAME = {k.name: k for k in KERNELS}
-_ORIGINAL = {k.name: getattr(k.module, k.attr) for k in KERNELS}
+_ORIGINAL = gc.ORIGINAL
 
 # Fewest configs a real launch must keep: 2 for every kernel (a choice for the autotuner to make). Every list
-# allows it at the released shapes; the tightest is attention in fp32 at N=256 (Stage B's 16x16 level), where
-# only BLOCK_M=64 with 4 warps survives and _keep's 180 KB cap drops BLOCK_N=128 at 3-4 stages (7 of 36 kept).
+# allows it at the released shapes; the tightest are the fp32 lists that keep only spill-free configs
+# (docs/kernels.md): dwconv_layernorm in fp32 keeps exactly 2 per shape.
 MIN_KEPT = {k.name: 2 for k in KERNELS}
 
 
 # ---------------------------------------------------------------------------------------------------- tracing
-@dataclass(frozen=True)
-class Launch:
-    kernel: str
-    args: dict  # named args (tensors included) + the launcher's keyword constexprs, as the prune hook sees them
-    nargs: dict  # positional args by name (the hook's ``named_args``)
-    kwargs: dict  # keyword args of the launch (the hook's ``**kwargs``)
-    grid: Callable
+# The tracer is cascade_rt.kernels.gpu_compile's (it also feeds the ahead-of-time compile check).
+Launch = gc.Launch
 
 
-class _Recorder:
-    def __init__(self, name: str, kernel, sink: list) -> None:
-        self.name, self.arg_names, self.sink = name, kernel.arg_names, sink
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            nargs = dict(zip(self.arg_names, args))
-            self.sink.append(Launch(self.name, {**nargs, **kwargs}, nargs, kwargs, grid))
-        return launch
-
-
-class _NoLaunch:  # the non-autotuned gelu_grn finalize kernel: nothing to check, must not run on meta tensors
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
-
-
-_DEFAULT_SPLIT = grn_mod._default_split
-
-
-def _h100_split(bsz: int, p: int, c: int, device) -> int:
-    """gelu_grn's own ``_default_split``, taking its GPU branch with an H100's SM count."""
-    props = SimpleNamespace(multi_processor_count=H100_SMS)
-    with mock.patch.object(grn_mod, "interpreting", lambda: False), \
-            mock.patch.object(torch.cuda, "get_device_properties", lambda d: props):
-        return _DEFAULT_SPLIT(bsz, p, c, torch.device("cuda"))
-
-
-def _key(launch: Launch):
-    def desc(v):
-        return ("tensor", tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else v
-    return launch.kernel, tuple((k, desc(v)) for k, v in launch.args.items())
-
-
-@functools.cache
 def traced(model: str, res: int, batch: int, dtype: torch.dtype) -> tuple[Launch, ...]:
     """Every autotuned launch of one denoiser step (Stage A: one decode), deduplicated, in call order."""
-    sink: list[Launch] = []
-    net = apply_triton_kernels(build_model(model, device="meta", dtype=dtype))
-    shapes = latent_shapes(batch, res, res)
-    with ExitStack() as stack:
-        for k in KERNELS:
-            stack.enter_context(mock.patch.object(k.module, k.attr, _Recorder(k.name, _ORIGINAL[k.name], sink)))
-        stack.enter_context(mock.patch.object(grn_mod, "_gelu_grn_finalize_kernel", _NoLaunch()))
-        stack.enter_context(mock.patch.object(grn_mod, "_default_split", _h100_split))
-        # meta tensors pass the launchers' "must be CUDA" check only in interpreter mode; this also keeps the
-        # file valid on a GPU machine (the configs were picked at import and are not re-read)
-        stack.enter_context(mock.patch.object(_common, "interpreting", lambda: True))
-        with torch.no_grad(), torch.device("meta"):
-            r = torch.rand(batch)
-            if model.startswith("stage_c"):
-                text = torch.empty(batch, ClipTextConfig.context_length, net.clip_txt_mapper.in_features)
-                pooled = torch.empty(batch, 1, net.clip_txt_pooled_mapper.in_features)
-                img = torch.empty(batch, 1, net.clip_img_mapper.in_features)  # the pipeline's one image embedding
-                net(torch.empty(shapes["c"]), r, text, pooled, img)
-            elif model.startswith("stage_b"):
-                net(torch.empty(shapes["b"]), r, torch.empty(shapes["c"]),
-                    torch.empty(batch, 1, net.clip_mapper.in_features))
-            else:
-                net.decode(torch.empty(shapes["b"]))
-    unique = {}
-    for launch in sink:
-        unique.setdefault(_key(launch), launch)
-    return tuple(unique.values())
+    return tuple(x for x in gc.traced(model, res, batch, dtype) if x.kernel in BY_NAME)
 
 
 def kept(kernel: Kernel, launch: Launch) -> list[triton.Config]:

@@ -71,7 +71,7 @@ def kernel_cases(height: int = 1024, width: int = 1024, batch: int = 2) -> list[
         levels.append((f"b-l{i}", hb >> i, wb >> i, c, n, sb["c_clip_seq"]))
     for stage, h, w, c, heads, s in levels:
         cases += [KernelCase("dwconv_layernorm", stage, batch, h, w, c), KernelCase("gelu_grn", stage, batch, h, w, 4 * c),
-                  KernelCase("modulation", stage, batch, h, w, c)]  # fmt: skip
+                  KernelCase("modulation", stage, batch, h, w, c)]
         if heads > 0:
             cases.append(KernelCase("attention", stage, batch, h, w, c, heads, s))
     sa = _ctor("stage_a")
@@ -134,7 +134,7 @@ def bench_kernel(case: KernelCase, device, dtype, bandwidth: float, use_compile:
         gbps = nbytes / ms / 1e6
         rows.append(dict(op=case.op, case=case.label, stage=case.stage, impl=impl, dtype=str(dtype).split(".")[-1],
                          us=ms * 1e3, gbps=gbps, pct_bw=100 * gbps / bandwidth,
-                         tflops=flops / ms / 1e9 if flops else None))  # fmt: skip
+                         tflops=flops / ms / 1e9 if flops else None))
     base = {r["impl"]: r["us"] for r in rows}
     for r in rows:
         r["speedup_vs_eager"] = base["eager"] / r["us"]
@@ -218,7 +218,7 @@ def environment() -> dict:
     prop = torch.cuda.get_device_properties(0)
     return dict(gpu=torch.cuda.get_device_name(0), sms=prop.multi_processor_count, gpu_mem_gib=round(prop.total_memory / 2**30),
                 torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda, git_sha=git("rev-parse", "HEAD"),
-                git_dirty=bool(git("status", "--porcelain", "--untracked-files=no")))  # fmt: skip
+                git_dirty=bool(git("status", "--porcelain", "--untracked-files=no")))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("stage %s %-6s graph=%-5s %8.2f ms/step", s["stage"], s["backend"], s["cuda_graph"], s["step_ms"])
     created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     result = dict(schema="cascade-rt-bench-kernels/1", created=created, command=" ".join(["bench_kernels", *(argv or sys.argv[1:])]),
-                  environment=env, copy_bandwidth_gbps=bandwidth, kernels=rows, stages=stages)  # fmt: skip
+                  environment=env, copy_bandwidth_gbps=bandwidth, kernels=rows, stages=stages)
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = created.replace(":", "").replace("-", "")[:15]
     (args.out / f"kernels-{stamp}-{env['git_sha'][:7]}.json").write_text(json.dumps(result, indent=1))

@@ -114,7 +114,7 @@ class MemoryEstimate:
             "peak_allocated_gib": round(self.peak_allocated / GiB, 3), "peak_device_gib": round(self.peak_device / GiB, 3),
             "stages": {k: {"weights_gib": round(v.weight_bytes / GiB, 3), "activations_gib": round(v.activation_bytes / GiB, 3)}
                        for k, v in self.stages.items()},
-        }  # fmt: skip
+        }
 
 
 def _bytes(module: nn.Module) -> int:
@@ -141,7 +141,7 @@ def _denoiser_work(model: nn.Module, stage: str, shapes: dict[str, tuple[int, ..
     def work() -> None:
         if stage == "c":
             inputs = lambda: (torch.empty(batch, 77, dims["text"], **meta), torch.empty(batch, 1, dims["pooled"], **meta),
-                              torch.empty(batch, 1, dims["image"], **meta))  # fmt: skip
+                              torch.empty(batch, 1, dims["image"], **meta))
             cond, uncond = model.prepare_conditioning(*inputs()), model.prepare_conditioning(*inputs())
         else:
             effnet = torch.empty(shapes["c"], device="meta")
@@ -181,7 +181,7 @@ def estimate_memory(
     models = {name: _build(p, dtype) for name, p in presets.items()}
     c = models["c"]
     dims = {"text": c.clip_txt_mapper.in_features, "pooled": c.clip_txt_pooled_mapper.in_features,
-            "image": c.clip_img_mapper.in_features}  # fmt: skip
+            "image": c.clip_img_mapper.in_features}
     stages: dict[str, StageEstimate] = {}
     for name, model in models.items():
         if name in ("c", "b"):

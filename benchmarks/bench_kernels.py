@@ -70,14 +70,16 @@ def kernel_cases(height: int = 1024, width: int = 1024, batch: int = 2) -> list[
     for i, (c, n) in enumerate(zip(sb["c_hidden"], sb["nhead"])):
         levels.append((f"b-l{i}", hb >> i, wb >> i, c, n, sb["c_clip_seq"]))
     for stage, h, w, c, heads, s in levels:
-        cases += [KernelCase("dwconv_layernorm", stage, batch, h, w, c), KernelCase("gelu_grn", stage, batch, h, w, 4 * c),
+        cases += [KernelCase("dwconv_layernorm", stage, batch, h, w, c),
+                  KernelCase("gelu_grn", stage, batch, h, w, 4 * c),
                   KernelCase("modulation", stage, batch, h, w, c)]
         if heads > 0:
             cases.append(KernelCase("attention", stage, batch, h, w, c, heads, s))
     sa = _ctor("stage_a")
     for i, c in enumerate((sa["c_hidden"], sa["c_hidden"] // 2)):  # decode: 256² at 384, then 512² at 192
         ha, wa = stage_b_latent_hw(height, width)
-        cases += [KernelCase(op, f"a-l{i}", 1, ha << i, wa << i, c) for op in ("layernorm_modulate", "dwconv_replicate_residual")]
+        cases += [KernelCase(op, f"a-l{i}", 1, ha << i, wa << i, c)
+                  for op in ("layernorm_modulate", "dwconv_replicate_residual")]
     return cases
 
 
@@ -90,9 +92,11 @@ def _inputs(case: KernelCase, device, dtype):
     b, h, w, c = case.batch, case.h, case.w, case.c
     act = b * h * w * c * torch.finfo(dtype).bits // 8
     if case.op == "dwconv_layernorm":
-        return dwconv_layernorm.dwconv_layernorm, dwconv_layernorm.dwconv_layernorm_ref, (rnd(b, h, w, c), rnd(c, 1, 3, 3), rnd(c)), {}, 2 * act, 0
+        return (dwconv_layernorm.dwconv_layernorm, dwconv_layernorm.dwconv_layernorm_ref,
+                (rnd(b, h, w, c), rnd(c, 1, 3, 3), rnd(c)), {}, 2 * act, 0)
     if case.op == "gelu_grn":
-        return gelu_grn.gelu_grn, gelu_grn.gelu_grn_ref, (rnd(b, h, w, c), rnd(1, 1, 1, c), rnd(1, 1, 1, c)), {}, 2 * act, 0
+        return (gelu_grn.gelu_grn, gelu_grn.gelu_grn_ref,
+                (rnd(b, h, w, c), rnd(1, 1, 1, c), rnd(1, 1, 1, c)), {}, 2 * act, 0)
     if case.op == "modulation":  # the fused form used between blocks: residual + modulate + LayerNorm
         ab = rnd(b, 2 * c)
         args = (rnd(b, h, w, c), ab[:, :c], ab[:, c:], rnd(b, h, w, c))
@@ -104,10 +108,12 @@ def _inputs(case: KernelCase, device, dtype):
         nbytes = (4 * n + 2 * s) * b * c * torch.finfo(dtype).bits // 8
         return attention.attention, attention.attention_ref, args, {}, nbytes, 4 * b * case.heads * n * (n + s) * d
     if case.op == "layernorm_modulate":
-        return stage_a_block.layernorm_modulate, stage_a_block.layernorm_modulate_ref, (rnd(b, h, w, c), rnd(6), 0), {}, 2 * act, 0
+        return (stage_a_block.layernorm_modulate, stage_a_block.layernorm_modulate_ref,
+                (rnd(b, h, w, c), rnd(6), 0), {}, 2 * act, 0)
     if case.op == "dwconv_replicate_residual":
         args = (rnd(b, h, w, c), rnd(b, h, w, c), rnd(c, 1, 3, 3), rnd(c), rnd(6), 2)
-        return stage_a_block.dwconv_replicate_residual, stage_a_block.dwconv_replicate_residual_ref, args, {}, 3 * act, 0
+        return (stage_a_block.dwconv_replicate_residual, stage_a_block.dwconv_replicate_residual_ref,
+                args, {}, 3 * act, 0)
     raise ValueError(f"unknown op {case.op!r}; choose from {', '.join(OPS)}")
 
 
@@ -216,8 +222,10 @@ def environment() -> dict:
             return "unknown"
 
     prop = torch.cuda.get_device_properties(0)
-    return dict(gpu=torch.cuda.get_device_name(0), sms=prop.multi_processor_count, gpu_mem_gib=round(prop.total_memory / 2**30),
-                torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda, git_sha=git("rev-parse", "HEAD"),
+    return dict(gpu=torch.cuda.get_device_name(0), sms=prop.multi_processor_count,
+                gpu_mem_gib=round(prop.total_memory / 2**30),
+                torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
+                git_sha=git("rev-parse", "HEAD"),
                 git_dirty=bool(git("status", "--porcelain", "--untracked-files=no")))
 
 
@@ -259,11 +267,13 @@ def main(argv: list[str] | None = None) -> int:
             for r in rows[-(2 if args.no_compile else 3):]:
                 log.info("%-60s %-8s %9.1f us %7.0f GB/s %5.1f%% BW  x%.2f vs eager", r["case"], r["impl"], r["us"],
                          r["gbps"], r["pct_bw"], r["speedup_vs_eager"])
-    stages = [] if args.no_stages else bench_stages(device, dtype, args.batch, args.height, args.width, args.runs, args.graphs)
+    stages = ([] if args.no_stages
+              else bench_stages(device, dtype, args.batch, args.height, args.width, args.runs, args.graphs))
     for s in stages:
         log.info("stage %s %-6s graph=%-5s %8.2f ms/step", s["stage"], s["backend"], s["cuda_graph"], s["step_ms"])
     created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    result = dict(schema="cascade-rt-bench-kernels/1", created=created, command=" ".join(["bench_kernels", *(argv or sys.argv[1:])]),
+    result = dict(schema="cascade-rt-bench-kernels/1", created=created,
+                  command=" ".join(["bench_kernels", *(argv or sys.argv[1:])]),
                   environment=env, copy_bandwidth_gbps=bandwidth, kernels=rows, stages=stages)
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = created.replace(":", "").replace("-", "")[:15]
@@ -277,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         if new:
             writer.writeheader()
         for r in rows:
-            writer.writerow({**r, "created": created, **{k: env[k] for k in ("gpu", "torch", "triton", "cuda", "git_sha")}})
+            writer.writerow({**r, "created": created,
+                             **{k: env[k] for k in ("gpu", "torch", "triton", "cuda", "git_sha")}})
     return 0
 
 

@@ -132,7 +132,8 @@ def attention(qkv: torch.Tensor, heads: int, cond_k: torch.Tensor | None = None,
 
     ``qkv``: (B, N, 3C) with unit channel stride, columns q | k | v (the fused in-projection output);
     ``cond_k``, ``cond_v``: (B, S, C) with unit channel stride, or both None; ``heads``: head_dim = C / heads
-    up to 128 (64 in every released model; other sizes are padded to a power of two >= 16 and masked). ``scale`` defaults to 1/sqrt(head_dim). Returns (B, N, C) in qkv.dtype.
+    up to 128 (64 in every released model; other sizes are padded to a power of two >= 16 and masked).
+    ``scale`` defaults to 1/sqrt(head_dim). Returns (B, N, C) in qkv.dtype.
     """
     check_tensor(qkv, "qkv", ndim=3)
     bsz, n, c3 = qkv.shape

@@ -1,8 +1,8 @@
 """Depthwise 3x3 conv (zero padding 1, bias) fused with LayerNorm over C: the first half of Stage B/C's ResBlock.
 
 ``ResBlock``: ``h = LayerNorm2d(depthwise(x))`` (no affine, eps 1e-6). On an NHWC activation one program owns
-``BLOCK_P`` consecutive pixels (row-major over B, H, W) and ALL channels (``BLOCK_C = next_pow2(C)``): it accumulates the 9
-taps in fp32 registers, then takes the LayerNorm statistics of the finished conv output without it ever leaving
+``BLOCK_P`` consecutive pixels (row-major over B, H, W) and ALL channels (``BLOCK_C = next_pow2(C)``): it accumulates
+the 9 taps in fp32 registers, then takes the LayerNorm statistics of the finished conv output without it ever leaving
 the SM (two-pass mean / variance over registers, exact). DRAM traffic is one read of x (the 3x3 halo is served
 from L1/L2) and one write of the output: 2 * B*H*W*C * itemsize bytes, against torch's conv (R+W), two permute
 copies and a LayerNorm (R+W).

@@ -111,8 +111,10 @@ class MemoryEstimate:
     def as_dict(self) -> dict[str, Any]:
         return {
             "mode": self.mode, "height": self.height, "width": self.width, "batch": self.batch,
-            "peak_allocated_gib": round(self.peak_allocated / GiB, 3), "peak_device_gib": round(self.peak_device / GiB, 3),
-            "stages": {k: {"weights_gib": round(v.weight_bytes / GiB, 3), "activations_gib": round(v.activation_bytes / GiB, 3)}
+            "peak_allocated_gib": round(self.peak_allocated / GiB, 3),
+            "peak_device_gib": round(self.peak_device / GiB, 3),
+            "stages": {k: {"weights_gib": round(v.weight_bytes / GiB, 3),
+                           "activations_gib": round(v.activation_bytes / GiB, 3)}
                        for k, v in self.stages.items()},
         }
 
@@ -140,8 +142,10 @@ def _denoiser_work(model: nn.Module, stage: str, shapes: dict[str, tuple[int, ..
 
     def work() -> None:
         if stage == "c":
-            inputs = lambda: (torch.empty(batch, 77, dims["text"], **meta), torch.empty(batch, 1, dims["pooled"], **meta),
-                              torch.empty(batch, 1, dims["image"], **meta))
+            def inputs():
+                return (torch.empty(batch, 77, dims["text"], **meta), torch.empty(batch, 1, dims["pooled"], **meta),
+                        torch.empty(batch, 1, dims["image"], **meta))
+
             cond, uncond = model.prepare_conditioning(*inputs()), model.prepare_conditioning(*inputs())
         else:
             effnet = torch.empty(shapes["c"], device="meta")
@@ -150,7 +154,8 @@ def _denoiser_work(model: nn.Module, stage: str, shapes: dict[str, tuple[int, ..
             cond = model.prepare_conditioning(effnet, pooled(), latent_hw=hw)
             uncond = model.prepare_conditioning(effnet, pooled(), latent_hw=hw)
         x = torch.empty(shapes[stage], device="meta")
-        run_plan(model.denoise, x, build_plan(1, device="meta"), cond, uncond if cfg else None, cfg=SAMPLING["c"].cfg if cfg else None)
+        run_plan(model.denoise, x, build_plan(1, device="meta"), cond, uncond if cfg else None,
+                 cfg=SAMPLING["c"].cfg if cfg else None)
 
     return work
 
@@ -173,7 +178,8 @@ def estimate_memory(
     cfg_b: bool = True,
 ) -> MemoryEstimate:
     """Estimate the device memory of one generation. presets: {"c", "b", "a", "text"} -> preset names
-    (default: the edge preset's); "text" may be a text preset ('text', 'text_tiny') or omitted. Stage C always runs with CFG."""
+    (default: the edge preset's); "text" may be a text preset ('text', 'text_tiny') or omitted.
+    Stage C always runs with CFG."""
     if mode not in MEMORY_MODES:
         raise ValueError(f"unknown memory mode {mode!r}")
     presets = dict(EDGE_PRESETS if presets is None else presets)

@@ -50,3 +50,19 @@ def test_offline_editable_install_maps_package_dirs(tmp_path):
         str(ROOT / "benchmarks" / "report.py"),
     ]
     assert lines[4] == "tests: not a subpackage"  # only pyproject's three package-dir entries are mapped
+
+
+FLOORS = {  # module -> packages it must not import (docs/DESIGN.md "Floors": imports only go down)
+    "cascade_rt.pipeline": ("export", "kernels", "runtime", "serve", "benchmarks", "commands"),
+    "cascade_rt.weights": ("export", "kernels", "runtime", "serve", "benchmarks", "commands"),
+    "cascade_rt.export.loader": ("runtime", "serve", "benchmarks", "commands"),
+    "cascade_rt.runtime.api": ("serve", "benchmarks", "commands"),
+}
+
+
+@pytest.mark.parametrize("module", sorted(FLOORS))
+def test_imports_only_go_down(module: str):
+    code = f"import sys, {module}; print(' '.join(m for m in sys.modules if m.startswith('cascade_rt.')))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    above = sorted(m for m in loaded if m.split(".")[1] in FLOORS[module])
+    assert not above, f"{module} imports {above} from a floor above it"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import site
 import subprocess
 import sys
@@ -66,3 +67,13 @@ def test_imports_only_go_down(module: str):
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     above = sorted(m for m in loaded if m.split(".")[1] in FLOORS[module])
     assert not above, f"{module} imports {above} from a floor above it"
+
+
+def test_importing_the_runtime_leaves_tritons_mode_open():
+    """Importing triton fixes compiled vs interpreted for the process: the runtime and the CLI must not import it
+    before the triton backend chooses (it sets TRITON_INTERPRET=1 on a CPU)."""
+    code = ("import sys, cascade_rt.runtime.api, cascade_rt.serve.app, cascade_rt.cli as c; c.build_parser(); "
+            "print('triton' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert out.strip() == "False"

@@ -31,7 +31,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.functional as TF
 from PIL import Image
 from torch import Tensor, nn
 
@@ -383,6 +382,10 @@ def load_saliency_model(path: str | Path) -> MicroResNet:
 def saliency_mask(images: Tensor, model: MicroResNet, threshold: float = 0.2, outpaint: bool = False) -> Tensor:
     """Official InpaintFilter without a mask: saliency at 240 px (short side) > threshold (the notebook's 0.2),
     inverted for outpainting, nearest-resized, Gaussian-blurred (kernel 141) and thresholded at 0.5."""
+    # torchvision: 3 s to import, and it imports triton, whose compiled/interpreted mode the triton backend
+    # must choose first (runtime/backends.py)
+    import torchvision.transforms.functional as TF
+
     small = TF.resize(images.float(), 240, antialias=True)
     salient = model(small) > threshold
     if outpaint:

@@ -351,17 +351,19 @@ def sample_stage(
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
     mode: str = "official",
+    run: Callable[..., Tensor] = run_plan,
+    plan_on_host: bool = False,
 ) -> Tensor:
     """Sample one stage from `x_init` (noise, or a noised latent when t_start < 1); returns fp32.
 
     official: result = the last x0 prediction. diffusers: result = the final x; shift, cfg_rho and eta are
-    ignored there (diffusers has none of them) and CFG runs only when cfg > 1.
+    ignored there (diffusers has none of them) and CFG runs only when cfg > 1. `run` is the loop over the plan
+    (`run_plan`, or a `GraphedSampler`, which wants the plan on the host: `plan_on_host`).
     """
     if mode == "diffusers" and (shift != 1 or eta != 1):
         logger.debug("diffusers mode ignores shift=%s and eta=%s", shift, eta)
     plan = build_plan(
-        steps, shift=shift if mode == "official" else 1.0, eta=eta, t_start=t_start, mode=mode, device=x_init.device
+        steps, shift=shift if mode == "official" else 1.0, eta=eta, t_start=t_start, mode=mode,
+        device=None if plan_on_host else x_init.device,
     )
-    return run_plan(
-        model, x_init, plan, cond, uncond, cfg=cfg, cfg_rho=cfg_rho, generator=generator, callback=callback
-    )
+    return run(model, x_init, plan, cond, uncond, cfg=cfg, cfg_rho=cfg_rho, generator=generator, callback=callback)

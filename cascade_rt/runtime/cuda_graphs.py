@@ -36,10 +36,10 @@ from cascade_rt.errors import ConfigError, EngineError
 from cascade_rt.sampling import (
     StagePlan,
     StepCoeffs,
-    build_plan,
     concat_conditioning,
     draw_noise,
     run_plan,
+    sample_stage,
     sampler_step,
 )
 
@@ -237,27 +237,10 @@ class GraphedSampler:
         self._failed.clear()
         self._fingerprint = None
 
-    def sample_stage(
-        self,
-        model: Callable[..., Tensor],
-        x_init: Tensor,
-        cond: Mapping[str, Any],
-        uncond: Mapping[str, Any] | None,
-        *,
-        steps: int,
-        cfg: float | None,
-        shift: float,
-        cfg_rho: float = 0.7,
-        eta: float = 1.0,
-        t_start: float = 1.0,
-        generator: torch.Generator | None = None,
-        callback: Callable[[int, Tensor, Tensor], None] | None = None,
-        mode: str = "official",
-    ) -> Tensor:
-        """Drop-in for `sampling.sample_stage` (same arguments, same result, same noise). The plan is built on the
-        host and reaches the static schedule in one pinned copy."""
-        plan = build_plan(steps, shift=shift if mode == "official" else 1.0, eta=eta, t_start=t_start, mode=mode)
-        return self(model, x_init, plan, cond, uncond, cfg=cfg, cfg_rho=cfg_rho, generator=generator, callback=callback)
+    def sample_stage(self, *args: Any, **kwargs: Any) -> Tensor:
+        """Drop-in for `sampling.sample_stage` (same arguments, same result, same noise): that function with this
+        sampler as its loop. The plan is built on the host and reaches the static schedule in one pinned copy."""
+        return sample_stage(*args, **kwargs, run=self, plan_on_host=True)
 
     def _warn_once(self, token: Any, message: str, *args: Any) -> None:
         if token not in self._warned:

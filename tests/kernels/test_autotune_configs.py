@@ -11,7 +11,8 @@ never run in CPU CI. This file checks them on the CPU without launching anything
    Only gelu_grn's SPLIT needs a GPU: ``_default_split`` runs with an H100's 132 SMs. (The tracer is
    ``cascade_rt.kernels.gpu_compile.traced``.)
 2. Each kernel's full GPU list (``_gpu_configs`` & co., the list ``pick_configs`` is given) is pruned with the
-   kernel's predicate, called as Triton calls the hook: ``predicate(config, {**named_args, **kwargs})``.
+   kernel's predicate, called as Triton calls the hook: ``predicate(config, {**named_args, **kwargs})``. Both
+   come from ``gpu_compile.KERNELS``, the one table of the kernels; this file adds only what it checks beyond it.
 3. On the kept configs: at least one survives, at least two where the list allows (``MIN_KEPT``); block sizes
    and num_warps are powers of two; at most 1024 threads; shared memory fits an H100 block (227 KB): for the
    attention kernel the estimate its own ``_keep`` uses, for the others (no tl.dot, no explicit staging) a
@@ -22,7 +23,7 @@ never run in CPU CI. This file checks them on the CPU without launching anything
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 from unittest import mock
 
@@ -63,42 +64,46 @@ def _attention_smem(cfg: triton.Config, args: dict) -> int:
 
 @dataclass(frozen=True)
 class Kernel:
-    name: str
-    module: object
-    attr: str  # the autotuned kernel's module attribute
-    gpu_configs: Callable[[], list]  # the full GPU list, as exposed by the kernel module
+    """One autotuned kernel: its entry in ``gpu_compile.KERNELS`` (name, module attribute, full GPU list, prune
+    predicate; the one table of them) and what this file checks beyond it."""
+    spec: gc.KernelSpec
     decorated: Callable[[], list]  # what the @autotune decorator is given (pick_configs around gpu_configs)
-    predicate: Callable  # the early_config_prune predicate
     tile: Callable[[triton.Config, dict], tuple[int, int]] | None  # the fp32 register tile (rows, cols)
     dot_dims: Callable[[triton.Config, dict], list[int]] | None = None  # every M/N/K of its tl.dot calls
 
+    name = property(lambda self: self.spec.name)
+    module = property(lambda self: self.spec.module)
+    gpu_configs = property(lambda self: self.spec.gpu_configs)  # the full GPU list, as the kernel module exposes it
+    predicate = property(lambda self: self.spec.predicate)  # the early_config_prune predicate
+
     @property
     def autotuner(self):
-        return _ORIGINAL[self.name]
+        return gc.ORIGINAL[self.name]
+
+
+def _kernel(name: str, decorated, tile, dot_dims=None) -> Kernel:
+    return Kernel(gc.BY_NAME[name], decorated, tile, dot_dims)
 
 
 KERNELS = [
-    Kernel("attention", attn_mod, "_attention_kernel", attn_mod._gpu_configs, attn_mod._configs, attn_mod._keep,
-           None,
-           # q @ k^T: (BLOCK_M x BLOCK_D) @ (BLOCK_D x BLOCK_N or _S); p @ v: (BLOCK_M x BLOCK_N or _S) @ (.. x BLOCK_D)
-           lambda c, a: [c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], a["BLOCK_S"], a["BLOCK_D"]]),
-    Kernel("gelu_grn_stats", grn_mod, "_gelu_grn_stats_kernel", grn_mod._gpu_tile_configs,
-           lambda: grn_mod._tile_configs(64, 128), grn_mod._keep_tile,
-           lambda c, a: (c.kwargs["BLOCK_P"], c.kwargs["BLOCK_C"])),
-    Kernel("gelu_grn_apply", grn_mod, "_gelu_grn_apply_kernel", grn_mod._gpu_tile_configs,
-           lambda: grn_mod._tile_configs(64, 128), grn_mod._keep_tile,
-           lambda c, a: (c.kwargs["BLOCK_P"], c.kwargs["BLOCK_C"])),
-    Kernel("dwconv_layernorm", dwln_mod, "_dwconv_layernorm_kernel", dwln_mod._gpu_configs, dwln_mod._configs,
-           dwln_mod._keep, lambda c, a: (c.kwargs["BLOCK_P"], a["BLOCK_C"])),
-    Kernel("modulation", mod_mod, "_modulation_kernel", mod_mod._gpu_configs, mod_mod._configs, mod_mod._keep,
-           lambda c, a: (c.kwargs["BLOCK_P"], a["BLOCK_C"])),
-    Kernel("layernorm_modulate", sa_mod, "_layernorm_modulate_kernel", sa_mod._ln_gpu_configs, sa_mod._ln_configs,
-           sa_mod._ln_keep, lambda c, a: (c.kwargs["BLOCK_P"], a["BLOCK_C"])),
-    Kernel("dwconv_replicate_residual", sa_mod, "_dwconv_replicate_residual_kernel", sa_mod._conv_gpu_configs,
-           sa_mod._conv_configs, sa_mod._conv_keep, lambda c, a: (c.kwargs["BLOCK_W"], c.kwargs["BLOCK_C"])),
+    # q @ k^T: (BLOCK_M x BLOCK_D) @ (BLOCK_D x BLOCK_N or _S); p @ v: (BLOCK_M x BLOCK_N or _S) @ (.. x BLOCK_D)
+    _kernel("attention", attn_mod._configs, None,
+            lambda c, a: [c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], a["BLOCK_S"], a["BLOCK_D"]]),
+    _kernel("gelu_grn_stats", lambda: grn_mod._tile_configs(64, 128),
+            lambda c, a: (c.kwargs["BLOCK_P"], c.kwargs["BLOCK_C"])),
+    _kernel("gelu_grn_apply", lambda: grn_mod._tile_configs(64, 128),
+            lambda c, a: (c.kwargs["BLOCK_P"], c.kwargs["BLOCK_C"])),
+    _kernel("dwconv_layernorm", dwln_mod._configs, lambda c, a: (c.kwargs["BLOCK_P"], a["BLOCK_C"])),
+    _kernel("modulation", mod_mod._configs, lambda c, a: (c.kwargs["BLOCK_P"], a["BLOCK_C"])),
+    _kernel("layernorm_modulate", sa_mod._ln_configs, lambda c, a: (c.kwargs["BLOCK_P"], a["BLOCK_C"])),
+    _kernel("dwconv_replicate_residual", sa_mod._conv_configs,
+            lambda c, a: (c.kwargs["BLOCK_W"], c.kwargs["BLOCK_C"])),
 ]
 BY_NAME = {k.name: k for k in KERNELS}
-_ORIGINAL = gc.ORIGINAL
+# gpu_compile.KERNELS also lists gelu_grn_finalize, which is not autotuned (no config list, no prune predicate:
+# one fixed launch config, checked by test_gpu_compile.py); every other kernel there is checked here
+# (test_every_autotuned_kernel_is_checked).
+NOT_AUTOTUNED = {"gelu_grn_finalize"}
 
 # Fewest configs a real launch must keep: 2 for every kernel (a choice for the autotuner to make). Every list
 # allows it at the released shapes; the tightest are the fp32 lists that keep only spill-free configs
@@ -117,7 +122,7 @@ def traced(model: str, res: int, batch: int, dtype: torch.dtype) -> tuple[Launch
 
 
 def kept(kernel: Kernel, launch: Launch) -> list[triton.Config]:
-    return [c for c in kernel.gpu_configs() if kernel.predicate(c, launch.args)]
+    return gc.kept(kernel.spec, launch)
 
 
 CASES = [pytest.param(m, r, b, d, id=f"{m}-{r}-b{b}-{str(d).replace('torch.', '')}")
@@ -236,6 +241,13 @@ def test_gpu_list_is_what_the_decorator_gets_on_a_gpu(kernel):
     assert inspect.getclosurevars(prune).nonlocals["predicate"] is kernel.predicate
 
 
+def test_every_autotuned_kernel_is_checked():
+    """The kernels checked here are gpu_compile's table less the ones without an autotuner."""
+    assert set(BY_NAME) == set(gc.BY_NAME) - NOT_AUTOTUNED
+    assert all(hasattr(gc.ORIGINAL[n], "configs") for n in BY_NAME)  # triton.autotune objects
+    assert not any(hasattr(gc.ORIGINAL[n], "configs") for n in NOT_AUTOTUNED)  # plain triton.jit functions
+
+
 def test_only_the_attention_kernel_uses_tl_dot():
     """The tl.dot dim check covers every kernel that multiplies tiles."""
     for kernel in KERNELS:
@@ -244,19 +256,23 @@ def test_only_the_attention_kernel_uses_tl_dot():
         assert uses_dot == (kernel.dot_dims is not None), kernel.name
 
 
+def _with_list(kernel: Kernel, gpu_configs) -> Kernel:
+    """``kernel`` with another GPU list and a predicate that keeps every config (its other checks unchanged)."""
+    spec = replace(kernel.spec, gpu_configs=gpu_configs, predicate=lambda c, a: True)
+    return replace(kernel, spec=spec)
+
+
 def test_checks_can_fail():
     """The checks above reject what they should (guards against a vacuous sweep)."""
     launch = next(x for x in traced("stage_c", 1024, 2, torch.float32) if x.kernel == "attention")
     big = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=4)
     assert _attention_smem(big, launch.args) == 4 * 2 * 128 * 64 * 4 + 128 * 64 * 4 == 294912  # > 227 KB
     assert not attn_mod._keep(big, launch.args)
-    bad = Kernel("attention", attn_mod, "_attention_kernel", lambda: [big], attn_mod._configs,
-                 lambda c, a: True, None, BY_NAME["attention"].dot_dims)
+    bad = _with_list(BY_NAME["attention"], lambda: [big])
     msgs = _problems(bad, launch)
     assert any("only 1 of 1" in m for m in msgs) and any("shared memory estimate 294912" in m for m in msgs)
-    odd = Kernel("modulation", mod_mod, "_modulation_kernel",
-                 lambda: [triton.Config({"BLOCK_P": 48}, num_warps=4), triton.Config({"BLOCK_P": 256}, num_warps=2)],
-                 mod_mod._configs, lambda c, a: True, BY_NAME["modulation"].tile)
+    odd = _with_list(BY_NAME["modulation"], lambda: [triton.Config({"BLOCK_P": 48}, num_warps=4),
+                                                      triton.Config({"BLOCK_P": 256}, num_warps=2)])
     mod = next(x for x in traced("stage_c", 1024, 2, torch.bfloat16) if x.kernel == "modulation")
     msgs = _problems(odd, mod)
     assert any("BLOCK_P=48 is not a power of two" in m for m in msgs)

@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
 from cascade_rt.errors import ConfigError
 from cascade_rt.models.controlnet import (
     CONTROLS,
@@ -37,7 +35,9 @@ from cascade_rt.models.lora import (
     LoRASet,
     LoRAWeights,
     ReTokenMerger,
+    TrainTokens,
     load_lora,
+    parse_train_tokens,
 )
 
 logger = logging.getLogger(__name__)
@@ -49,14 +49,17 @@ ENGINE_BACKENDS = ("onnxruntime", "tensorrt", "aoti")  # weights baked into the 
 class LoRAArg:
     path: str
     scale: float = 1.0
+    tokens: TrainTokens | None = None  # the training config's train_tokens (None: the file's metadata, if any)
 
 
 def parse_lora(text: str | tuple | LoRAArg) -> LoRAArg:
-    """'FILE' or 'FILE:SCALE' (a trailing ':<number>' is the scale; anything else belongs to the path)."""
+    """'FILE' or 'FILE:SCALE' (a trailing ':<number>' is the scale; anything else belongs to the path), a
+    LoRAArg, or a tuple (FILE, SCALE[, TOKENS])."""
     if isinstance(text, LoRAArg):
         return text
     if isinstance(text, tuple):
-        return LoRAArg(str(text[0]), float(text[1]) if len(text) > 1 else 1.0)
+        tokens = parse_train_tokens(list(text[2]), "tokens") if len(text) > 2 and text[2] is not None else None
+        return LoRAArg(str(text[0]), float(text[1]) if len(text) > 1 else 1.0, tokens)
     path, sep, tail = str(text).rpartition(":")
     if sep:
         try:
@@ -87,12 +90,6 @@ class Extensions:
         return out
 
 
-def _text_table(text_encoder: Any) -> nn.Parameter | None:
-    tower = getattr(text_encoder, "tower", None)
-    emb = getattr(tower, "token_embedding", None)
-    return getattr(emb, "weight", None)
-
-
 def attach_extensions(
     pipe: Any,
     *,
@@ -112,9 +109,8 @@ def attach_extensions(
     if lora:
         loaded: list[LoRAWeights] = []
         for item in map(parse_lora, lora):
-            loaded.append(load_lora(item.path, stage_c, scale=item.scale))
-        table = _text_table(pipe.text_encoder)
-        ext.loras = LoRASet(LoRAMerger(stage_c), ReTokenMerger(table) if table is not None else None)
+            loaded.append(load_lora(item.path, stage_c, scale=item.scale, tokens=item.tokens))
+        ext.loras = LoRASet(LoRAMerger(stage_c), ReTokenMerger.for_text_encoder(pipe.text_encoder))
         ext.switch_seconds.append(ext.loras.apply(loaded))
         logger.info("LoRA: %s merged into Stage C in %.3f s", [lw.source for lw in loaded], ext.switch_seconds[-1])
     if controlnet is not None:
@@ -174,9 +170,8 @@ def switch_loras(pipe: Any, lora: Sequence[str | tuple | LoRAArg]) -> float:
     if ext is None:
         ext = pipe.extensions = Extensions()
     if ext.loras is None:
-        table = _text_table(pipe.text_encoder)
-        ext.loras = LoRASet(LoRAMerger(stage_c), ReTokenMerger(table) if table is not None else None)
-    loaded = [load_lora(a.path, stage_c, scale=a.scale) for a in map(parse_lora, lora)]
+        ext.loras = LoRASet(LoRAMerger(stage_c), ReTokenMerger.for_text_encoder(pipe.text_encoder))
+    loaded = [load_lora(a.path, stage_c, scale=a.scale, tokens=a.tokens) for a in map(parse_lora, lora)]
     seconds = ext.loras.apply(loaded)
     ext.switch_seconds.append(seconds)
     return seconds

@@ -31,3 +31,24 @@ def save_official() -> Callable[..., Path]:
         return Path(path)
 
     return save
+
+
+@pytest.fixture(scope="session")
+def hf_clip_tokenizer(tmp_path_factory):
+    """A transformers CLIPTokenizer with the released CLIP vocabulary, built from open_clip's own BPE file (no
+    download): the reference our tokenizer is checked against. A factory: each call gives a fresh tokenizer."""
+    import gzip
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+
+    root = tmp_path_factory.mktemp("clip_bpe")
+    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    vocab = list(bytes_to_unicode().values())
+    vocab += [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    (root / "vocab.json").write_text(json.dumps({v: i for i, v in enumerate(vocab)}))
+    (root / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return lambda: transformers.CLIPTokenizer(
+        vocab=str(root / "vocab.json"), merges=str(root / "merges.txt"), pad_token="<|endoftext|>"
+    )

@@ -274,7 +274,7 @@ def test_controlnet_that_does_not_fit(stage_c, tmp_path, save_official):
         load_controlnet(path, "canny", stage_c, blocks=(0, 4, 5))
     with pytest.raises(WeightsError, match="not a ControlNet checkpoint"):
         load_controlnet(save_official(stage_c, tmp_path / "c.safetensors"), "canny", stage_c)
-    with pytest.raises(ConfigError, match="identity needs insightface"):
+    with pytest.raises(ConfigError, match="face identity is not supported: no identity checkpoint is released"):
         build_controlnet("identity", stage_c)
 
 

@@ -28,6 +28,7 @@ from cascade_rt.models.lora import (
     save_lora,
 )
 from cascade_rt.models.stage_c import StageC
+from cascade_rt.models.text import ClipTextConfig, TextEncoder
 
 
 # ------------------------------------------------------------------------------------------ reference
@@ -190,19 +191,21 @@ def test_strict_loading_errors(stage_c, tmp_path):
 
 @torch.no_grad()
 def test_retoken_adds_rows_and_unmerges(tmp_path):
-    table = nn.Parameter(torch.randn(50, 32))
+    encoder = TextEncoder.random(ClipTextConfig.tiny(32), seed=1)
+    table = encoder.tower.token_embedding.weight
     base = table.detach().clone()
     model = build_model("stage_c_tiny", seed=12)
     lora = random_lora(model, seed=7, token_indices=[3, 41], token_dim=32)
     loaded = load_lora(save_lora(lora, tmp_path / "t.safetensors"), model)
-    merger = ReTokenMerger(table)
-    merger.apply([loaded.retoken])
+    merger = ReTokenMerger.for_text_encoder(encoder)
+    merger.apply([loaded])
     expected = base.clone()
     expected[3] += lora.retoken.embeddings[0]
     expected[41] += lora.retoken.embeddings[1]
-    assert torch.equal(table, expected)
+    assert torch.equal(table, expected) and encoder.tower.token_embedding.weight is table  # in place
     merger.unmerge()
     assert torch.equal(table, base)
-    too_far = random_lora(model, seed=8, token_indices=[50], token_dim=32)
-    with pytest.raises(WeightsError, match="adds new tokens"):
-        merger.apply([too_far.retoken])
+    too_far = random_lora(model, seed=8, token_indices=[49408], token_dim=32)  # adds a token it does not name
+    with pytest.raises(WeightsError, match=r"adds 1 new token.*--lora-tokens"):
+        merger.apply([too_far])
+    assert torch.equal(table, base)

@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 
+from cascade_rt.commands.generate import add_lora_args, lora_args
 from cascade_rt.errors import ConfigError
 from cascade_rt.export.build import FORMATS
 from cascade_rt.stages import COMPONENTS
@@ -46,8 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18; 22 for bf16 graphs)")
     p.add_argument("--builder-optimization-level", type=int, default=3, help="TensorRT builder level 0..5")
     p.add_argument("--weight-streaming", action="store_true", help="TensorRT weight streaming (small GPUs)")
-    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
-                   help="Stage C LoRA merged before export (repeatable; the engine name and manifest record it)")
+    add_lora_args(p, "Stage C LoRA merged before export (repeatable; the engine name and manifest record it)")
     p.add_argument("--controlnet", choices=("canny", "inpainting", "sr"), default=None,
                    help="also export the Stage C denoiser variant with this ControlNet's inputs (stage_c_cnet)")
     p.set_defaults(func=run)
@@ -110,14 +110,13 @@ def with_extensions(source, stage: str, args: argparse.Namespace) -> dict:
     """Merge --lora into the Stage C source model once (its weights hash follows) and give it --controlnet's
     blocks; returns what this stage's engine name and manifest record (docs/extensions.md)."""
     from cascade_rt.export.sources import model_fingerprint
-    from cascade_rt.extensions import parse_lora
     from cascade_rt.models.controlnet import build_controlnet
     from cascade_rt.models.lora import LoRAMerger, load_lora
 
     if getattr(source, "extensions", None) is None:
         ext: dict = {}
         if args.lora:
-            loras = [load_lora(a.path, source.model, scale=a.scale) for a in map(parse_lora, args.lora)]
+            loras = [load_lora(a.path, source.model, scale=a.scale, tokens=a.tokens) for a in lora_args(args)]
             LoRAMerger(source.model).apply(loras)
             source.weights_hash = model_fingerprint(source.model)
             ext["lora"] = [lw.describe() for lw in loras]

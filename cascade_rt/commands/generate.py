@@ -120,11 +120,44 @@ def memory_mode(args: argparse.Namespace) -> str:
     return args.memory or (RUNTIME_PRESETS[args.preset].memory if args.random_weights else "resident")
 
 
+class _LoRATokens(argparse.Action):
+    """`--lora-tokens` belongs to the `--lora` given just before it (kept as (lora index, spec) pairs)."""
+
+    def __call__(self, parser, namespace, value, option_string=None):  # noqa: ANN001 (argparse's signature)
+        loras = getattr(namespace, "lora", None) or []
+        if not loras:
+            parser.error(f"{option_string} must follow the --lora it belongs to")
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest, None) or []), (len(loras) - 1, value)])
+
+
+def add_lora_args(g: Any, help: str) -> None:
+    """`--lora FILE[:SCALE]` (repeatable) and `--lora-tokens` for the LoRA before it (generate, serve, export)."""
+    g.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help=help)
+    g.add_argument("--lora-tokens", action=_LoRATokens, default=[], metavar="CONFIG|TOKEN=INIT_REGEX",
+                   help="for the --lora just before: the tokens its ReToken adds, from its training config "
+                        "(the YAML's train_tokens) or one '[name]=INIT_REGEX' per use (e.g. '[fernando]=^dog</w>'); "
+                        "needed when the file adds tokens and does not name them itself")
+
+
+def lora_args(args: argparse.Namespace) -> tuple:
+    """The --lora options as `cascade_rt.extensions.LoRAArg`s, each with its --lora-tokens."""
+    from dataclasses import replace
+
+    from cascade_rt.extensions import parse_lora
+    from cascade_rt.models.lora import parse_token_spec, parse_train_tokens
+
+    specs = [parse_lora(x) for x in getattr(args, "lora", ()) or ()]
+    tokens: dict[int, list] = {}
+    for index, spec in getattr(args, "lora_tokens", ()) or ():
+        tokens.setdefault(index, []).extend(parse_token_spec(spec))
+    return tuple(replace(s, tokens=parse_train_tokens(tokens[i], f"--lora-tokens of {s.path}")) if i in tokens else s
+                 for i, s in enumerate(specs))
+
+
 def add_extension_args(p: argparse.ArgumentParser) -> None:
     """LoRA and ControlNet (docs/extensions.md)."""
     g = p.add_argument_group("extensions (official Stage C LoRA / ControlNet)")
-    g.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
-                   help="an official Stage C LoRA file, optionally with a scale (default 1); repeat for several")
+    add_lora_args(g, "an official Stage C LoRA file, optionally with a scale (default 1); repeat for several")
     g.add_argument("--controlnet", choices=("canny", "inpainting", "sr"), default=None,
                    help="ControlNet kind (its checkpoint: --controlnet-weights, or the official file in --weights)")
     g.add_argument("--controlnet-weights", metavar="FILE", help="canny/inpainting/super_resolution.safetensors")
@@ -150,7 +183,7 @@ def load_from_args(args: argparse.Namespace):
         backend=args.backend, memory=args.memory, cuda_graphs=args.cuda_graphs, device=device, dtype=dtype,
         engine_dir=args.engine_dir,
         engine_shapes=((getattr(args, "batch", 1), getattr(args, "height", 1024), getattr(args, "width", 1024)),),
-        lora=tuple(getattr(args, "lora", ()) or ()), controlnet=getattr(args, "controlnet", None),
+        lora=lora_args(args), controlnet=getattr(args, "controlnet", None),
         controlnet_weights=getattr(args, "controlnet_weights", None),
         saliency_model=getattr(args, "saliency_model", None),
     )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from cascade_rt.commands.generate import add_model_args, load_from_args
+from cascade_rt.commands.generate import add_lora_args, add_model_args, load_from_args
 from cascade_rt.errors import ConfigError
 from cascade_rt.stages import check_resolution, default_size
 
@@ -71,8 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_args(p)
     add_serve_args(p)
     e = p.add_argument_group("extensions (docs/extensions.md)")
-    e.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
-                   help="an official Stage C LoRA merged for every request, optionally with a scale; repeatable")
+    add_lora_args(e, "an official Stage C LoRA merged for every request, optionally with a scale; repeatable")
     p.set_defaults(func=run)
 
 

@@ -63,7 +63,8 @@ def control_kind(name: str) -> ControlKind:
     try:
         return CONTROLS[name]
     except KeyError:
-        extra = " (identity needs insightface face models; not supported)" if name == "identity" else ""
+        extra = (" (face identity is not supported: no identity checkpoint is released, and its filter needs "
+                 "insightface's face detector and ArcFace models)") if name == "identity" else ""
         raise ConfigError(f"unknown ControlNet {name!r}{extra}; choose one of {', '.join(CONTROLS)}") from None
 
 

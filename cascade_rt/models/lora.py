@@ -11,7 +11,12 @@ train/train_c_lora.py, configs/inference/lora_c_3b.yaml). See docs/extensions.md
   / `weights.<i>.lora_up` for the LoRA modules in `generator.modules()` order after `apply_lora`. Because
   `register_parametrization` appends a `parametrizations` child to a module *after* its own children, that order
   is the post-order of the targets: a block's `out_proj` comes before the `attn` that holds it.
-* `ReToken`: learned vectors added to chosen rows of the text encoder's token embedding.
+* `ReToken`: learned vectors added to chosen rows of the text encoder's token embedding. Which rows comes from the
+  training config's `train_tokens` (official format: `[[token_or_regex, init_regex], ...]`): an entry `[name]` or
+  `<name>` is a new token appended to the tokenizer and the table (id 49408, 49409, ... in order), its row started
+  from the mean of the vocabulary rows whose token matches `init_regex` (zeros without one); any other entry is a
+  regex selecting existing tokens. The checkpoint holds only the ids, so a LoRA that adds tokens needs its
+  `train_tokens` (`tokens=`, the file's `train_tokens` metadata, or the training config file).
 
 Several LoRAs apply at once, each with a scale: `W + sum_i scale_i * delta_i` (scale 1 and one LoRA is the
 official computation, bit for bit). Two ways to apply them:
@@ -25,16 +30,20 @@ official computation, bit for bit). Two ways to apply them:
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from cascade_rt.checkpoint_io import read_header
 from cascade_rt.errors import ConfigError, WeightsError
 from cascade_rt.weights import open_checkpoint
 
@@ -126,6 +135,73 @@ def lora_targets(model: nn.Module, filters: Sequence[str] | None = DEFAULT_FILTE
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
+TrainTokens = tuple[tuple[str, "str | None"], ...]  # official train_tokens: ((token_or_regex, init_regex), ...)
+
+
+def is_new_token(entry: str) -> bool:
+    """Official rule (train_c_lora.py): '[name]' or '<name>' is a token to add; anything else a vocabulary regex."""
+    return (entry.startswith("[") and entry.endswith("]")) or (entry.startswith("<") and entry.endswith(">"))
+
+
+def parse_train_tokens(value: object, where: str = "train_tokens") -> TrainTokens:
+    """Normalise `train_tokens` as the official configs write it: a list of [token_or_regex, init_regex or None]
+    (a bare string is a token without initialiser). Raises ConfigError naming the malformed entry."""
+    if isinstance(value, str):
+        value = json.loads(value)
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{where} must be a list of [token, init_regex] pairs, got {type(value).__name__}")
+    out: list[tuple[str, str | None]] = []
+    for entry in value:
+        if isinstance(entry, str):
+            entry = (entry, None)
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[0], str) and entry[0]
+                and (entry[1] is None or isinstance(entry[1], str))):
+            raise ConfigError(f"{where}: {entry!r} is not a [token, init_regex] pair (init_regex may be null)")
+        for pattern in entry if not is_new_token(entry[0]) else entry[1:]:
+            if pattern is not None:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ConfigError(f"{where}: {pattern!r} is not a valid regular expression ({exc})") from None
+        out.append((entry[0], entry[1]))
+    new = [t for t, _ in out if is_new_token(t)]
+    if len(set(new)) != len(new):
+        raise ConfigError(f"{where} names a new token twice: {new}")
+    return tuple(out)
+
+
+def read_train_tokens(path: str | Path) -> TrainTokens:
+    """`train_tokens` of a training config (the official YAML, e.g. configs/inference/lora_c_3b.yaml, or JSON)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"LoRA token config {path} does not exist; pass the LoRA's training config (its "
+                          "train_tokens), or TOKEN=INIT_REGEX")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml  # PyYAML: only for the official YAML configs
+
+        doc = yaml.safe_load(text)
+    else:
+        doc = json.loads(text)
+    if not isinstance(doc, dict) or "train_tokens" not in doc:
+        raise ConfigError(f"{path} has no train_tokens; pass the config the LoRA was trained with")
+    return parse_train_tokens(doc["train_tokens"], f"{path}: train_tokens")
+
+
+def parse_token_spec(text: str) -> TrainTokens:
+    """A command-line token spec: a training config file, or one entry 'TOKEN[=INIT_REGEX]' ('[fernando]=^dog</w>'):
+    a new token's name ends at its closing bracket; any other entry is a vocabulary regex as a whole."""
+    if Path(text).suffix in (".yaml", ".yml", ".json") or Path(text).is_file():
+        return read_train_tokens(text)
+    if text[:1] in "[<":
+        end = text.find("]" if text[0] == "[" else ">")
+        token, rest = (text[: end + 1], text[end + 1 :]) if end > 0 else (text, "")
+        if rest and not rest.startswith("="):
+            raise ConfigError(f"LoRA token {text!r}: write TOKEN=INIT_REGEX, e.g. '[fernando]=^dog</w>'")
+        return parse_train_tokens([[token, rest[1:] or None]], f"LoRA token {text!r}")
+    return parse_train_tokens([[text, None]], f"LoRA token {text!r}")
+
+
 @dataclass
 class LoRAWeights:
     """One LoRA checkpoint bound to a model's targets: `layers[i]` belongs to `lora_targets(model)[i]`."""
@@ -136,18 +212,23 @@ class LoRAWeights:
     source: str = "<memory>"
     digest: str = ""  # sha256 of the file (or of the tensors), names the LoRA in engine manifests
     filters: tuple[str, ...] = DEFAULT_FILTERS
+    tokens: TrainTokens = ()  # the training config's train_tokens (needed when the ReToken adds tokens)
 
     @property
     def rank(self) -> int:
         return self.layers[0].rank if self.layers else 0
 
     def with_scale(self, scale: float) -> LoRAWeights:
-        return LoRAWeights(self.layers, self.retoken, float(scale), self.source, self.digest, self.filters)
+        return LoRAWeights(self.layers, self.retoken, float(scale), self.source, self.digest, self.filters,
+                           self.tokens)
 
     def describe(self) -> dict[str, object]:
-        """What engine manifests record: the file, its hash, the scale, rank and filters."""
-        return {"file": self.source, "sha256": self.digest, "scale": self.scale, "rank": self.rank,
-                "filters": list(self.filters)}
+        """What engine manifests record: the file, its hash, the scale, rank, filters and tokens."""
+        out: dict[str, object] = {"file": self.source, "sha256": self.digest, "scale": self.scale, "rank": self.rank,
+                                  "filters": list(self.filters)}
+        if self.tokens:
+            out["tokens"] = [list(t) for t in self.tokens]
+        return out
 
     def state_dict(self) -> dict[str, Tensor]:
         """The official layout (what train/train_c_lora.py saves)."""
@@ -178,16 +259,18 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _read(path_or_state: str | Path | Mapping[str, Tensor]) -> tuple[dict[str, Tensor], str, str]:
+def _read(path_or_state: str | Path | Mapping[str, Tensor]) -> tuple[dict[str, Tensor], str, str, dict[str, str]]:
+    """(tensors, where, sha256, safetensors metadata)."""
     if isinstance(path_or_state, Mapping):
         state = dict(path_or_state)
-        return state, "<memory>", _tensor_digest(state)
+        return state, "<memory>", _tensor_digest(state), {}
     path = Path(path_or_state)
     if not path.is_file():
         raise WeightsError(f"LoRA file {path} does not exist; pass the path of a LoRA .safetensors file")
     with open_checkpoint(path) as source:
         state = {k: source.get(k).clone() for k in source.infos}
-    return state, str(path.resolve()), _file_digest(path)
+    metadata = read_header(path).metadata if path.suffix == ".safetensors" else {}
+    return state, str(path.resolve()), _file_digest(path), dict(metadata)
 
 
 FOREIGN_LAYOUTS = (
@@ -204,13 +287,19 @@ def load_lora(
     rank: int | None = None,
     filters: Sequence[str] = DEFAULT_FILTERS,
     alpha: float = 1.0,
+    tokens: TrainTokens | Sequence | None = None,
 ) -> LoRAWeights:
     """Read an official LoRA checkpoint for `model` (a Stage C), strictly.
 
     `rank`: the rank the caller expects (None: the file's own, which must be the same for every layer).
+    `tokens`: the training config's `train_tokens` (None: the file's `train_tokens` metadata, if any); checked
+    against the ReToken's ids when the LoRA is applied to a text encoder (`ReTokenMerger`).
     Raises WeightsError for keys of another layout, a layer count or shape of another model, a wrong rank.
     """
-    state, where, digest = _read(path_or_state)
+    state, where, digest, metadata = _read(path_or_state)
+    if tokens is None and "train_tokens" in metadata:
+        tokens = parse_train_tokens(metadata["train_tokens"], f"{where}: metadata train_tokens")
+    tokens = parse_train_tokens(list(tokens or ()), "tokens")
     targets = lora_targets(model, filters)
     if not targets:
         raise ConfigError(f"LoRA filters {list(filters)} match no layer of {type(model).__name__}; use ['.attn']")
@@ -274,7 +363,7 @@ def load_lora(
         with torch.no_grad():
             retoken.embeddings.copy_(emb)
         retoken.requires_grad_(False)
-    return LoRAWeights(layers, retoken, float(scale), where, digest, tuple(filters))
+    return LoRAWeights(layers, retoken, float(scale), where, digest, tuple(filters), tokens)
 
 
 def random_lora(
@@ -287,6 +376,7 @@ def random_lora(
     scale: float = 1.0,
     token_indices: Sequence[int] = (),
     token_dim: int | None = None,
+    tokens: TrainTokens | Sequence = (),
 ) -> LoRAWeights:
     """A LoRA with random (seeded) weights for `model`: tests and demos (trained ones have lora_down != 0)."""
     gen = torch.Generator().manual_seed(seed)
@@ -305,14 +395,18 @@ def random_lora(
         with torch.no_grad():
             retoken.embeddings.copy_(torch.randn(retoken.embeddings.shape, generator=gen) * std)
         retoken.requires_grad_(False)
-    lw = LoRAWeights(layers, retoken, float(scale), f"random:seed={seed}", "", tuple(filters))
+    lw = LoRAWeights(layers, retoken, float(scale), f"random:seed={seed}", "", tuple(filters),
+                     parse_train_tokens(list(tokens), "tokens"))
     lw.digest = _tensor_digest(lw.state_dict())
     return lw
 
 
 def save_lora(lora: LoRAWeights, path: str | Path) -> Path:
-    """Write `lora` in the official layout (safetensors)."""
-    save_file({k: v.contiguous() for k, v in lora.state_dict().items()}, str(path))
+    """Write `lora` in the official layout (safetensors); its train_tokens, if any, go into the metadata."""
+    metadata = {"format": "pt"}
+    if lora.tokens:
+        metadata["train_tokens"] = json.dumps([list(t) for t in lora.tokens])
+    save_file({k: v.contiguous() for k, v in lora.state_dict().items()}, str(path), metadata=metadata)
     return Path(path)
 
 
@@ -421,30 +515,112 @@ class LoRAMerger:
 
 # ------------------------------------------------------------------------------------------ ReToken
 class ReTokenMerger:
-    """ReTokens written into a text encoder's token-embedding table in place (base table kept)."""
+    """LoRAs' ReTokens applied to a text encoder, as the official training/inference code sets them up.
 
-    def __init__(self, table: nn.Parameter) -> None:
-        self.table = table
+    For each LoRA, in order: its new tokens (from its `train_tokens`) are added to the tokenizer and a row each is
+    appended to the token-embedding table, started from the mean of the rows whose token matches the entry's
+    init regex (zeros without one); then every ReToken vector is added to its row (new rows included). Without new
+    tokens the table is written in place (same storage); with them it is a larger table while merged. The base
+    table is kept: `unmerge()` restores the same Parameter bit for bit and removes the added tokens.
+
+    Ids in a LoRA file are those of its training (its first new token is 49408); with several token-adding LoRAs
+    each new token gets the next free id here, and a token two LoRAs both add is one row carrying both vectors.
+    """
+
+    def __init__(self, embedding: nn.Embedding, tokenizer: Any | None = None) -> None:
+        self.embedding, self.tokenizer = embedding, tokenizer
+        self._base = embedding.weight
         self._original: Tensor | None = None
+        self._base_vocab: dict[str, int] | None = None
+        self.active: list[LoRAWeights] = []
+
+    @classmethod
+    def for_text_encoder(cls, text_encoder: Any) -> ReTokenMerger | None:
+        """The merger of a cascade_rt TextEncoder (None for an encoder without a token table)."""
+        embedding = getattr(getattr(text_encoder, "tower", None), "token_embedding", None)
+        if not isinstance(embedding, nn.Embedding):
+            return None
+        return cls(embedding, getattr(text_encoder, "tokenizer", None))
+
+    def _vocab(self) -> dict[str, int]:
+        if self._base_vocab is None:
+            self._base_vocab = {k: v for k, v in self.tokenizer.vocab().items() if v < self._base.shape[0]}
+        return self._base_vocab
+
+    def _rows(self, lw: LoRAWeights, extra: list[Tensor]) -> list[int]:
+        """The table rows `lw.retoken` updates, adding its new tokens (and their initial rows to `extra`)."""
+        file_ids = [int(i) for i in lw.retoken.indices.tolist()]
+        n_base = self._base.shape[0]
+        if not lw.tokens:
+            new = sorted(i for i in file_ids if i >= n_base)
+            if new or any(i < 0 for i in file_ids):
+                raise WeightsError(
+                    f"{lw.source}: its ReToken updates token ids {new or file_ids}, beyond this text encoder's "
+                    f"{n_base} embeddings: the LoRA adds {len(new)} new token(s) (such as '[fernando]'), and the file "
+                    "holds only their ids; give its training config's train_tokens: --lora-tokens CONFIG.yaml, "
+                    "or --lora-tokens '[name]=INIT_REGEX' per token (load_lora(..., tokens=[['[name]', 'regex']]))"
+                )
+            return file_ids
+        if self.tokenizer is None:
+            raise ConfigError(f"{lw.source} adds tokens, which needs the text encoder's tokenizer")
+        base_vocab, local, expected = self._vocab(), {}, []
+        for entry, _ in lw.tokens:  # the ids the official setup_models selects, in the LoRA's own id space
+            if is_new_token(entry):
+                local[entry] = n_base + len(local)
+                expected.append(local[entry])
+            else:
+                expected += [v for k, v in {**base_vocab, **local}.items() if re.search(entry, k)]
+        if set(expected) != set(file_ids):
+            raise WeightsError(
+                f"{lw.source}: its ReToken updates token ids {sorted(file_ids)[:8]}, but its train_tokens "
+                f"{[list(t) for t in lw.tokens]} select ids {sorted(set(expected))[:8]}: these are not the tokens "
+                "this LoRA was trained with; pass its own training config's train_tokens"
+            )
+        mapping: dict[int, int] = {}
+        inits = dict(lw.tokens)
+        for name, local_id in local.items():
+            gid = self.tokenizer.add_token(name)
+            if gid == n_base + len(extra):  # a token no earlier LoRA added: its initial row
+                table = torch.cat([self._original, *extra]) if extra else self._original
+                known = {**base_vocab, **self.tokenizer.added}
+                ids = [v for k, v in known.items() if inits[name] is not None and re.search(inits[name], k)
+                       and v < table.shape[0]]
+                extra.append(table[ids].mean(dim=0, keepdim=True) if ids else torch.zeros_like(table[:1]))
+            mapping[local_id] = gid
+        return [mapping.get(i, i) for i in file_ids]
 
     @torch.no_grad()
-    def apply(self, retokens: Sequence[ReToken]) -> None:
+    def apply(self, loras: Sequence[LoRAWeights]) -> None:
+        """Make the text encoder the base one plus `loras`' tokens and ReToken vectors (empty: the base)."""
         if self._original is None:
-            self._original = self.table.detach().clone()
-        table = self._original
-        for rt in retokens:
-            bad = [i for i in rt.indices.tolist() if not 0 <= i < table.shape[0]]
-            if bad:
-                raise WeightsError(
-                    f"the LoRA's ReToken updates token ids {bad}, beyond this text encoder's {table.shape[0]} "
-                    "embeddings: it adds new tokens (such as '[fernando]') to the tokenizer, which cascade-rt "
-                    "does not support yet; use a LoRA without new tokens"
-                )
-            if rt.embeddings.shape[1] != table.shape[1]:
-                raise WeightsError(f"ReToken embeddings are {rt.embeddings.shape[1]}-d, the text encoder's "
-                                   f"{table.shape[1]}-d: the LoRA is for another text encoder")
-            table = rt.to(device=table.device, dtype=table.dtype)(table)
-        self.table.copy_(table)
+            self._original = self._base.detach().clone()
+        if self.tokenizer is not None:
+            self.tokenizer.reset_added()
+        extra: list[Tensor] = []
+        updates = []
+        try:
+            for lw in loras:
+                if lw.retoken is None:
+                    continue
+                if lw.retoken.embeddings.shape[1] != self._base.shape[1]:
+                    raise WeightsError(f"{lw.source}: ReToken embeddings are {lw.retoken.embeddings.shape[1]}-d, the "
+                                       f"text encoder's {self._base.shape[1]}-d: the LoRA is for another text encoder")
+                updates.append((self._rows(lw, extra), lw.retoken.embeddings))
+        except Exception:
+            self.apply(self.active)  # what was merged before (it applied then): a refused switch changes nothing
+            raise
+        table = torch.cat([self._original, *extra]) if extra else self._original.clone()
+        for rows, vectors in updates:  # official ReToken: table[idx] += embeddings[i] (the vector's own dtype)
+            for row, vector in zip(rows, vectors.to(table.device)):
+                table[row] += vector
+        if extra:
+            self._base.copy_(self._original)
+            self.embedding.weight = nn.Parameter(table, requires_grad=False)
+        else:
+            self._base.copy_(table)
+            self.embedding.weight = self._base
+        self.embedding.num_embeddings = int(self.embedding.weight.shape[0])
+        self.active = list(loras)
 
     def unmerge(self) -> None:
         self.apply([])
@@ -459,9 +635,16 @@ class LoRASet:
     loras: list[LoRAWeights] = field(default_factory=list)
 
     def apply(self, loras: Sequence[LoRAWeights]) -> float:
-        seconds = self.merger.apply(loras)
-        if self.token_merger is not None:
-            self.token_merger.apply([lw.retoken for lw in loras if lw.retoken is not None])
+        if self.token_merger is not None:  # first: it refuses a LoRA whose tokens do not fit, before any change
+            self.token_merger.apply(loras)
+        elif any(lw.retoken is not None for lw in loras):
+            raise ConfigError("a LoRA with a ReToken needs the pipeline's text encoder")
+        try:
+            seconds = self.merger.apply(loras)
+        except Exception:
+            if self.token_merger is not None:
+                self.token_merger.apply(self.loras)
+            raise
         self.loras = list(loras)
         return seconds
 

@@ -11,6 +11,12 @@ other tower is never built); state dicts use open_clip's key layout. Weights loa
 Text encoding follows HF/diffusers exactly: pad with <|endoftext|> (49407), attention mask over the real tokens
 (BOS..EOS), causal + padding mask, `clip_text` = output of the last layer BEFORE the final LayerNorm (B,77,D),
 `clip_text_pooled` = text_projection(final_ln(h)[first EOS]) (B,1,P), not normalised. Unconditional = "".
+
+Pooling takes the position of the highest token id, as the official code's text model does (the
+laion/CLIP-ViT-bigG-14 config has the legacy `eos_token_id` 2, so transformers pools at `input_ids.argmax()`). With the
+base vocabulary that is the first EOS (49407 is the largest id). With tokens a LoRA added (ids >= 49408) it is the
+added token's position, which is what such a LoRA was trained with. (The diffusers packaging's config says
+`eos_token_id` 49407, so diffusers would pool at the first EOS there: the two differ only for added tokens.)
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from cascade_rt.stages import TEXT_PRESETS
 logger = logging.getLogger(__name__)
 
 BOS_ID, EOS_ID = 49406, 49407
+BASE_VOCAB = 49408  # the released tokenizer's vocabulary; added tokens take the ids after it
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 HF_WEIGHT_FILES = ("model.safetensors", "model.bf16.safetensors", "model.fp16.safetensors", "pytorch_model.bin")
@@ -100,20 +107,56 @@ def build_text_encoder(
 
 
 class ClipTokenizer:
-    """open_clip's BPE with the HF padding convention: [BOS] text[:75] [EOS] then EOS pads; mask over BOS..EOS."""
+    """open_clip's BPE with the HF padding convention: [BOS] text[:75] [EOS] then EOS pads; mask over BOS..EOS.
+
+    Tokens added with `add_token` (a LoRA's new tokens such as '[fernando]') behave as the released tokenizer's
+    `add_tokens` does: found in the cleaned (lower-cased) text before byte-pair encoding, each is one id after the
+    base vocabulary (49408, 49409, ...), and the text around it is encoded as if they were separators.
+    """
 
     def __init__(self, context_length: int = 77):
         from open_clip.tokenizer import SimpleTokenizer  # open_clip takes 5 s to import: only when used
 
         self.context_length = context_length
         self._bpe = SimpleTokenizer(context_length=context_length)
+        self.base_size = BASE_VOCAB
+        self.added: dict[str, int] = {}
+        self._split: re.Pattern[str] | None = None
+
+    def vocab(self) -> dict[str, int]:
+        """Token string -> id, named as the released (HF) tokenizer names them, added tokens included."""
+        names = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+        out = {names.get(k, k): v for k, v in self._bpe.encoder.items() if v < self.base_size}
+        out.update(self.added)
+        return out
+
+    def add_token(self, token: str) -> int:
+        """Add `token` (once) and return its id."""
+        if token not in self.added:
+            self.added[token] = self.base_size + len(self.added)
+            self._split = re.compile("|".join(re.escape(t.lower()) for t in sorted(self.added, key=len, reverse=True)))
+        return self.added[token]
+
+    def reset_added(self) -> None:
+        self.added, self._split = {}, None
+
+    def encode(self, prompt: str) -> list[int]:
+        """The ids of `prompt` without BOS/EOS."""
+        if self._split is None:
+            return self._bpe.encode(prompt)
+        text, ids, at = self._bpe.clean_fn(prompt), [], 0
+        lookup = {t.lower(): i for t, i in self.added.items()}
+        for match in self._split.finditer(text):
+            ids += self._bpe.encode(text[at : match.start()]) + [lookup[match.group(0)]]
+            at = match.end()
+        return ids + self._bpe.encode(text[at:])
 
     def __call__(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         n = self.context_length
         ids = torch.full((len(prompts), n), EOS_ID, dtype=torch.long)
         mask = torch.zeros((len(prompts), n), dtype=torch.long)
         for row, prompt in enumerate(prompts):
-            tokens = [BOS_ID, *self._bpe.encode(prompt)[: n - 2], EOS_ID]
+            tokens = [BOS_ID, *self.encode(prompt)[: n - 2], EOS_ID]
             ids[row, : len(tokens)] = torch.tensor(tokens)
             mask[row, : len(tokens)] = 1
         return ids, mask
@@ -364,8 +407,8 @@ class TextEncoder(_ClipTower):
         n = input_ids.shape[1]
         x = t.token_embedding(input_ids) + t.positional_embedding[:n].to(t.token_embedding.weight.dtype)
         h = t.transformer(x, attn_mask=self._mask(attention_mask, x.dtype))
-        eos = (input_ids == EOS_ID).int().argmax(dim=-1)  # first EOS (pads are EOS too)
-        pooled = t.ln_final(h[torch.arange(h.shape[0], device=h.device), eos]) @ t.text_projection
+        pool = input_ids.int().argmax(dim=-1)  # the highest id: the first EOS, or an added token (see above)
+        pooled = t.ln_final(h[torch.arange(h.shape[0], device=h.device), pool]) @ t.text_projection
         return h, pooled.unsqueeze(1)
 
     @torch.no_grad()

@@ -39,13 +39,12 @@ from cascade_rt.kernels import gpu_compile as gc
 from cascade_rt.kernels import modulation as mod_mod
 from cascade_rt.kernels import stage_a_block as sa_mod
 
-H100_SMS = 132  # H100 SXM
 H100_SMEM_PER_BLOCK = 227 * 1024  # sm_90: max shared memory per block (opt-in)
 MAX_THREADS_PER_BLOCK = 1024
 MAX_GRID = (2**31 - 1, 65535, 65535)
 MAX_FP32_TILE_PER_THREAD = 64  # register budget: 255 regs/thread leave room for ~64 live tile values + temporaries
 
-MODELS = ["stage_c", "stage_c_lite", "stage_b", "stage_b_lite", "stage_a"]
+MODELS = gc.MODELS
 RESOLUTIONS = [1024, 2048]
 BATCHES = [2, 8]  # model batch (the pipeline's batch x 2 with CFG)
 DTYPES = [torch.bfloat16, torch.float32]

@@ -594,6 +594,11 @@ class ReTokenMerger:
         """Make the text encoder the base one plus `loras`' tokens and ReToken vectors (empty: the base)."""
         if self._original is None:
             self._original = self._base.detach().clone()
+        device = self.embedding.weight.device  # a memory mode may have moved the encoder since the last apply
+        if self._original.device != device:
+            self._original = self._original.to(device)
+        if self._base.device != device:
+            self._base.data = self._base.data.to(device)  # the same Parameter, as Module.to moves it
         if self.tokenizer is not None:
             self.tokenizer.reset_added()
         extra: list[Tensor] = []

@@ -3,6 +3,7 @@
     cascade-rt serve --random-weights --preset tiny --port 8000          # a 2-core CPU is enough
     cascade-rt serve --weights weights/ --lite --max-batch 4 --max-wait-ms 20
     cascade-rt serve --random-weights --preset tiny --ray --replicas 2   # Ray Serve (local cluster on a CPU)
+    cascade-rt serve --weights weights/ --controlnet canny               # per-request control images
 
 The model, backend, memory and CUDA-graph options are those of `cascade-rt generate`.
 """
@@ -72,6 +73,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_serve_args(p)
     e = p.add_argument_group("extensions (docs/extensions.md)")
     add_lora_args(e, "an official Stage C LoRA merged for every request, optionally with a scale; repeatable")
+    e.add_argument("--controlnet", choices=("canny", "inpainting", "sr"), default=None,
+                   help="load this ControlNet: requests send their own control image (docs/serving.md); its "
+                        "checkpoint: --controlnet-weights, or the official file in --weights")
+    e.add_argument("--controlnet-weights", metavar="FILE", help="canny/inpainting/super_resolution.safetensors")
+    e.add_argument("--saliency-model", metavar="FILE",
+                   help="official saliency_model.pt: inpainting requests without a mask mask the salient region")
     p.set_defaults(func=run)
 
 

@@ -7,6 +7,10 @@ previewer image, then the final image), `POST /v1/images/edits` (image-to-image,
 `POST /v1/images/variations` (CLIP image variation, multipart), `POST /v1/generate` (native: one PNG with the
 generation metadata in it), `GET /v1/models`, `GET /healthz`, `GET /readyz`, `GET /metrics`.
 
+With a ControlNet loaded (`serve --controlnet`), the edits endpoint's `image` is the control image and its `mask`
+the inpainting mask (a `control_image` file beside `image` makes `image` the image-to-image source again);
+`/v1/generate` takes base64 `control_image` and `mask`; both take `control_strength` (docs/serving.md).
+
 The pipeline loads (and warms up) in the background after start: `/healthz` answers at once, `/readyz` and the
 generation endpoints answer 503 until the model is ready. Errors use the OpenAI error body
 `{"error": {"message", "type", "param", "code"}}` with the statuses of docs/serving.md.
@@ -35,6 +39,7 @@ from cascade_rt.serve.engine import BatchEngine
 from cascade_rt.serve.metrics import ServeMetrics
 from cascade_rt.serve.responses import ClientGone, Refusal, ServedBy, encode_png, error_response, read_body
 from cascade_rt.serve.schemas import (
+    ControlSupport,
     GenerationSpec,
     Limits,
     RequestError,
@@ -76,6 +81,7 @@ class Service:
         self.engine: BatchEngine | None = None
         self.ready, self.failure = False, None
         self.info: dict[str, Any] = {}
+        self.control = ControlSupport()  # the loaded ControlNet, once loaded: requests are checked against it
         self._seeds = itertools.count(config.seed) if config.seed is not None else None
 
     def next_seed(self) -> int | None:
@@ -92,6 +98,9 @@ class Service:
             else:
                 self.engine = BatchEngine(loaded, overlap=self.config.overlap)
             self.info["load_s"] = round(time.perf_counter() - t0, 2)
+            self.control = await asyncio.to_thread(lambda: getattr(self.engine, "control_support", ControlSupport()))
+            if self.control.kind is not None:
+                self.info["controlnet"] = self.control.kind
             if self.config.warmup_steps > 0:
                 warm = await asyncio.to_thread(self.engine.warmup, self.config.sizes, self.config.max_batch,
                                                self.config.warmup_steps)
@@ -320,23 +329,36 @@ def create_app(load: Callable[[], Any], config: ServeConfig | None = None, *,
     @app.post("/v1/images/generations")
     async def generations(request: Request) -> Response:
         async def parse() -> GenerationSpec:
-            return parse_generation(load_json(await read_body(request)), config.limits, next_seed=seeds(request))
+            return parse_generation(load_json(await read_body(request)), config.limits, next_seed=seeds(request),
+                                    control=service_of(request).control)
 
         return await respond(request, "generations", parse, openai_body)
 
     async def parse_upload(request: Request, mode: str) -> GenerationSpec:
         fields, files = parse_multipart(request.headers.get("content-type", ""), await read_body(request))
-        extra = sorted(set(files) - {"image"})
+        allowed = ("image", "mask", "control_image") if mode == "image" else ("image",)
+        extra = sorted(set(files) - set(allowed))
         if extra:
-            raise RequestError(400, f"{', '.join(extra)}: not supported (no inpainting masks); send only 'image'",
-                               extra[0])
+            raise RequestError(400, f"{', '.join(extra)}: not a file of this endpoint; it takes "
+                                    f"{', '.join(repr(a) for a in allowed)}", extra[0])
         if "image" not in files:
             raise RequestError(400, "image: missing; upload the input image as the multipart file 'image'", "image")
         image = decode_image(files["image"])
         body = form_to_body(fields)
         if mode == "variation":
             body.setdefault("prompt", "")
-        return parse_generation(body, config.limits, mode=mode, image=image, next_seed=seeds(request))
+            return parse_generation(body, config.limits, mode=mode, image=image, next_seed=seeds(request))
+        control = service_of(request).control
+        control_image = decode_image(files["control_image"], "control_image") if "control_image" in files else None
+        mask = decode_image(files["mask"], "mask") if "mask" in files else None
+        if control.kind is not None and control_image is None:  # with a ControlNet, the edit's image is the control
+            if "strength" in body:
+                raise RequestError(400, "strength: with a ControlNet loaded, image is the control image, and there is "
+                                        "no image-to-image; upload the control image as 'control_image' to use image "
+                                        "as the image-to-image source", "strength")
+            image, control_image, mode = None, image, "text"
+        return parse_generation(body, config.limits, mode=mode, image=image, control_image=control_image, mask=mask,
+                                control=control, next_seed=seeds(request))
 
     @app.post("/v1/images/edits")
     async def edits(request: Request) -> Response:
@@ -350,7 +372,7 @@ def create_app(load: Callable[[], Any], config: ServeConfig | None = None, *,
     async def generate(request: Request) -> Response:
         async def parse() -> GenerationSpec:
             spec = parse_generation(load_json(await read_body(request)), config.limits, native=True,
-                                    next_seed=seeds(request))
+                                    next_seed=seeds(request), control=service_of(request).control)
             if spec.n != 1 or spec.stream:
                 raise RequestError(400, "/v1/generate returns one PNG: n must be 1 and stream false; use "
                                         "/v1/images/generations for more", "n")

@@ -7,6 +7,11 @@ in the pipeline's order (Stage C start noise, Stage C step noise, Stage B start 
 request therefore gets the images `pipe(prompt, negative, images_per_prompt=n, seed=seed, ...)` gives alone,
 whatever it was batched with (up to the batch-size dependence of the kernels; tests/serve/test_batching.py).
 
+ControlNet: each request with a control image gets its projections computed once, for its own rows
+(`control_conditioning`, as `pipe(..., control_image=...)` does); the batch's `cnet` is their concatenation in row
+order, with zero projections (which add nothing) for the rows of requests without one. A batch where no request
+has a control image runs without `cnet`.
+
 Two phases, as in `runtime/throughput.py`: `prior` (text encoder, Stage C and, for streamed requests, the
 previewer) and `decoder` (Stage B, Stage A). On a CUDA device in the resident memory mode the server runs the prior
 of the next batch on its own stream while the decoder of the current one runs on another (`overlap`); elsewhere
@@ -27,9 +32,10 @@ from PIL import Image
 from torch import Tensor
 
 from cascade_rt.errors import ConfigError
+from cascade_rt.extensions import control_conditioning
 from cascade_rt.pipeline import WallTimer, from_pil, to_pil
 from cascade_rt.sampling import RowGenerators, diffuse
-from cascade_rt.serve.schemas import BatchKey, GenerationSpec
+from cascade_rt.serve.schemas import BatchKey, ControlInput, ControlSupport, GenerationSpec
 from cascade_rt.stages import SAMPLING, latent_shapes
 
 logger = logging.getLogger(__name__)
@@ -68,16 +74,32 @@ class BatchEngine:
             if "b" in graphed and "c" in graphed and graphed["b"].pool is graphed["c"].pool:
                 graphed["b"].use_pool(torch.cuda.graph_pool_handle())  # C and B replay concurrently
 
+    @property
+    def control_support(self) -> ControlSupport:
+        """The loaded ControlNet's kind (and saliency model), which requests are checked against before queueing."""
+        ext = getattr(self.pipe, "extensions", None)
+        if ext is None or ext.controlnet is None:
+            return ControlSupport()
+        return ControlSupport(ext.control, ext.saliency is not None)
+
     def warmup(self, sizes: Sequence[tuple[int, int]], max_batch: int, steps: int = 2) -> float:
         """Run every batch size 1..max_batch at every served size (largest first: graphs share one pool), then
-        freeze the CUDA graphs, so no capture happens while serving. Returns the seconds it took."""
+        freeze the CUDA graphs, so no capture happens while serving. With a ControlNet, each shape also runs with
+        a control image (Stage C then takes `cnet`: other graphs; the filter's packages are checked too).
+        Returns the seconds it took."""
         t0 = time.perf_counter()
         shapes = sorted(((b, h, w) for h, w in sizes for b in range(1, max_batch + 1)),
                         key=lambda s: s[0] * s[1] * s[2], reverse=True)
+        kind = self.control_support.kind
         for batch, height, width in shapes:
             key = BatchKey(height, width, steps, steps, SAMPLING["c"].cfg, SAMPLING["b"].cfg)  # the default CFG graphs
-            spec = GenerationSpec("warm-up", "", batch, 0, key)
-            self.decoder(self.prior([spec]))
+            controls = [None]
+            if kind is not None:
+                keep_all = Image.new("L", (width, height), 0) if kind == "inpainting" else None
+                controls.append(ControlInput(Image.new("RGB", (width, height), (128, 128, 128)), keep_all))
+            for control in controls:
+                spec = GenerationSpec("warm-up", "", batch, 0, key, control=control)
+                self.decoder(self.prior([spec]))
         if hasattr(self.pipe, "freeze_graphs"):
             self.pipe.freeze_graphs()
         return time.perf_counter() - t0
@@ -132,8 +154,9 @@ class BatchEngine:
             x_c = diffuse(effnet, t_start, gens.randn(effnet.shape).to(pipe.device))
         else:
             x_c = gens.randn(shapes["c"]).to(pipe.device)
+        control = self._control(specs, shapes["c"][-2:], timer)
         latent_c = pipe.prior(embeds, x_c, steps=steps, cfg=key.cfg_c, shift=SAMPLING["c"].shift, gen=gens,
-                              t_start=t_start, timer=timer)
+                              t_start=t_start, timer=timer, control=control)
         wanted = [i for i, s in enumerate(specs) if s.stream]
         if wanted and previews is not None and pipe.previewer is not None:
             with timer.section("previewer"):
@@ -142,6 +165,26 @@ class BatchEngine:
             for i in wanted:
                 previews(i, images[starts[i] : starts[i] + specs[i].n])
         return PriorState(list(specs), key, gens, latent_c, embeds.pooled, embeds.u_pooled, timings)
+
+    def _control(self, specs: list[GenerationSpec], latent_hw: Sequence[int], timer: WallTimer) -> dict | None:
+        """{'cnet': per block, the projections of every row} for Stage C, or None when no request has a control
+        image. Each request's projections are computed once for its n rows; rows without control get zeros."""
+        if all(s.control is None for s in specs):
+            return None
+        with timer.section("controlnet"):
+            parts = [None if s.control is None else control_conditioning(
+                self.pipe, s.control.image, s.control.mask, s.control.strength, latent_hw, s.n)["cnet"]
+                for s in specs]
+            template = next(p for p in parts if p is not None)
+            cnet: list[Tensor | None] = []
+            for block, like in enumerate(template):
+                if like is None:
+                    cnet.append(None)
+                    continue
+                rows = [p[block] if p is not None else like.new_zeros((s.n, *like.shape[1:]))
+                        for p, s in zip(parts, specs)]
+                cnet.append(torch.cat(rows))
+        return {"cnet": cnet}
 
     def _decoder(self, state: PriorState) -> BatchOutput:
         pipe, key = self.pipe, state.key

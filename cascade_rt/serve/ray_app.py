@@ -17,7 +17,9 @@ requests between them, replacing a replica that dies, autoscaling (`autoscaling=
 + previewer, and Stage B+A, e.g. on separate GPUs), composed in one request path: the ingress replicas batch and
 admit as above and call the Stage C deployment, then the Stage B+A deployment, through Ray deployment handles; the
 next batch's Stage C runs while the current batch's Stage B+A does. The per-request generators travel with the
-Stage C result, so the images equal the single-deployment ones.
+Stage C result, so the images equal the single-deployment ones. ControlNet inputs (control image, mask, strength)
+travel in the requests to the Stage C deployment, which computes the projections; the ingress checks requests
+against the ControlNet the Stage C deployment loaded (`RemoteEngine.control_support`).
 """
 
 from __future__ import annotations
@@ -131,6 +133,11 @@ class RemoteEngine:
     def __init__(self, prior: Any, decoder: Any) -> None:
         self.prior_handle, self.decoder_handle = prior, decoder
 
+    @property
+    def control_support(self) -> Any:
+        """The Stage C deployment's ControlNet (a blocking call: the ingress asks once, off its event loop)."""
+        return self.prior_handle.control_support.remote().result()
+
     def warmup(self, sizes: Any, max_batch: int, steps: int = 2) -> float:
         return 0.0  # each stage deployment warmed itself before it took traffic
 
@@ -162,6 +169,9 @@ class StageWorker:
                 if name not in PHASE_COMPONENTS[phase]:
                     module.to("cpu")
             torch.cuda.empty_cache()
+
+    def control_support(self) -> Any:
+        return self.engine.control_support
 
     def run(self, *args: Any) -> Any:
         device = self.engine.pipe.device

@@ -4,7 +4,9 @@
 extensions; `parse_generation` turns a body (or a multipart form, for image-to-image and variations) into a
 `GenerationSpec`: one request as the batcher sees it. Every refusal is a `RequestError` carrying the HTTP status
 (400 for values the model cannot serve, 422 for a body of the wrong shape) and a reason that says what to send.
-Resolution rules come from `cascade_rt.stages.check_resolution`; nothing here redeclares them.
+Resolution rules come from `cascade_rt.stages.check_resolution`; nothing here redeclares them. A ControlNet
+control image (its inpainting mask, its strength) is checked here too, against the ControlNet the server loaded
+(`ControlSupport`), so that no batch fails on one request's control input.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from email.parser import BytesParser
 from email.policy import HTTP
 from typing import Any, Literal
 
+import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -30,6 +33,7 @@ MAX_STEPS = 100
 MAX_PROMPT_CHARS = 4000
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
 SEED_LIMIT = 2**63
+MAX_CONTROL_STRENGTH = 2.0  # the ControlNet projections' multiplier (official cnet_multiplier): 0 = no effect
 
 
 class RequestError(Exception):
@@ -63,6 +67,9 @@ class GenerationBody(BaseModel):
     cfg_b: float | None = Field(SAMPLING["b"].cfg, ge=0, le=30)
     strength: float = Field(IMG2IMG_STRENGTH, gt=0, le=1)  # image-to-image only
     image: str | None = None  # native /v1/generate only: base64 image for image-to-image
+    control_image: str | None = None  # native /v1/generate only: base64 ControlNet control image
+    mask: str | None = None  # native /v1/generate only: base64 inpainting mask (the inpainting ControlNet)
+    control_strength: float | None = Field(None, ge=0, le=MAX_CONTROL_STRENGTH)  # with a control image; default 1
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,24 @@ class BatchKey:
     strength: float = 1.0
 
 
+@dataclass(frozen=True)
+class ControlSupport:
+    """What the server's pipeline can do with a control image: the loaded ControlNet's kind (None: no ControlNet)
+    and whether a saliency model makes inpainting masks for requests that send none."""
+
+    kind: str | None = None
+    saliency: bool = False
+
+
+@dataclass
+class ControlInput:
+    """A request's ControlNet input: its projections are computed once, for its rows only (serve/engine.py)."""
+
+    image: Image.Image
+    mask: Image.Image | None = None  # mode 'L' or '1', the control image's size; white = repaint
+    strength: float = 1.0
+
+
 @dataclass
 class GenerationSpec:
     prompt: str
@@ -89,6 +114,7 @@ class GenerationSpec:
     image: Image.Image | None = None  # image-to-image input, or the variation's CLIP image
     stream: bool = False
     meta: dict[str, Any] = field(default_factory=dict)
+    control: ControlInput | None = None  # the ControlNet's input (any mode; requests with and without share batches)
 
 
 @dataclass(frozen=True)
@@ -156,14 +182,70 @@ def decode_image(data: bytes | str, param: str = "image") -> Image.Image:
         raise RequestError(400, f"{param} cannot be decoded as an image: {exc}", param) from None
 
 
+CONTROLNET_HINT = "start the server with --controlnet canny|inpainting|sr (docs/extensions.md)"
+
+
+def control_mask(mask: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """An uploaded inpainting mask -> mode 'L' or '1' (white = repaint), checked against the control image's size
+    (PIL order: width, height). A grayscale mask is used as it is; an RGBA / LA mask follows OpenAI's edits
+    convention: its transparent pixels (alpha < 128) are the region to repaint."""
+    if mask.mode in ("RGBA", "LA"):
+        alpha = np.asarray(mask.getchannel("A"))
+        if alpha.min() >= 128:
+            raise RequestError(400, f"mask is a {mask.mode} image without transparent pixels: in an RGBA mask the "
+                                    "transparent pixels mark the region to repaint (OpenAI's convention); make them "
+                                    "transparent, or send a grayscale image (white = repaint)", "mask")
+        mask = Image.fromarray(np.where(alpha < 128, 255, 0).astype(np.uint8), mode="L")
+    elif mask.mode not in ("L", "1"):
+        raise RequestError(400, f"mask is a {mask.mode} image; send a grayscale ('L') image, white = repaint and "
+                                "black = keep, or an RGBA image whose transparent pixels mark the region to repaint",
+                           "mask")
+    if mask.size != size:
+        raise RequestError(400, f"mask is {mask.width}x{mask.height}, the control image {size[0]}x{size[1]}: send a "
+                                "mask of the control image's size", "mask")
+    return mask
+
+
+def check_control(image: Image.Image | None, mask: Image.Image | None, strength: float | None,
+                  support: ControlSupport) -> ControlInput | None:
+    """A request's control image, mask and strength -> its `ControlInput` (None without a control image), checked
+    against the loaded ControlNet, so that the batch it joins cannot fail on it."""
+    if support.kind is None and (image is not None or mask is not None):
+        param = "control_image" if image is not None else "mask"
+        raise RequestError(400, f"{param}: this server has no ControlNet loaded, so it takes no control image or "
+                                f"inpainting mask; {CONTROLNET_HINT}", param)
+    if image is None:
+        if mask is not None:
+            raise RequestError(400, "mask without a control image: the inpainting mask belongs to a control image; "
+                                    "send control_image (or, on /v1/images/edits, image) with it", "mask")
+        if strength is not None:
+            raise RequestError(400, "control_strength without a control image has nothing to scale; send "
+                                    "control_image (or, on /v1/images/edits, image) with it", "control_strength")
+        return None
+    if mask is not None and support.kind != "inpainting":
+        raise RequestError(400, f"mask: only the inpainting ControlNet takes a mask; this server loaded the "
+                                f"{support.kind} ControlNet", "mask")
+    if support.kind == "inpainting" and mask is None and not support.saliency:
+        raise RequestError(400, "mask: the inpainting ControlNet needs a mask (white = repaint) and this server has "
+                                "no saliency model to make one (serve --saliency-model saliency_model.pt)", "mask")
+    if mask is not None:
+        mask = control_mask(mask, image.size)
+    return ControlInput(image, mask, 1.0 if strength is None else float(strength))
+
+
 def parse_generation(data: Any, limits: Limits, *, mode: str = "text", image: Image.Image | None = None,
-                     native: bool = False, next_seed: Callable[[], int] | None = None) -> GenerationSpec:
+                     native: bool = False, next_seed: Callable[[], int] | None = None,
+                     control_image: Image.Image | None = None, mask: Image.Image | None = None,
+                     control: ControlSupport = ControlSupport()) -> GenerationSpec:
     """A JSON-like body -> a checked `GenerationSpec` (RequestError otherwise). A request without a seed gets
-    `next_seed()` (the server's --seed sequence) or a random one."""
+    `next_seed()` (the server's --seed sequence) or a random one. `control_image` / `mask`: uploaded files
+    (multipart); the native body carries them as base64 fields; `control`: what the server's ControlNet takes."""
     if not isinstance(data, dict):
         raise RequestError(422, f"the request body must be a JSON object, got {type(data).__name__}")
-    if not native and "image" in data:
-        raise RequestError(422, "image: not a field of this endpoint; upload it to /v1/images/edits", "image")
+    if not native:
+        for name in [n for n in ("image", "control_image", "mask") if n in data]:
+            raise RequestError(422, f"{name}: not a field of this endpoint; upload it to /v1/images/edits (multipart) "
+                                    "or send it base64-encoded to /v1/generate", name)
     try:
         body = GenerationBody.model_validate(data)
     except ValidationError as exc:
@@ -178,6 +260,11 @@ def parse_generation(data: Any, limits: Limits, *, mode: str = "text", image: Im
         raise RequestError(400, "prompt is empty; give a text prompt", "prompt")
     if native and body.image is not None:
         image, mode = decode_image(body.image), "image"
+    if native and body.control_image is not None:
+        control_image = decode_image(body.control_image, "control_image")
+    if native and body.mask is not None:
+        mask = decode_image(body.mask, "mask")
+    control_input = check_control(control_image, mask, body.control_strength, control)
     height, width = parse_size(body.size, limits)
     if mode == "image" and int(body.steps_c * body.strength) < 1:
         raise RequestError(400, f"steps_c * strength = {body.steps_c} * {body.strength} gives no Stage C step; "
@@ -193,7 +280,11 @@ def parse_generation(data: Any, limits: Limits, *, mode: str = "text", image: Im
             "cfg_b": body.cfg_b, "mode": mode}
     if mode == "image":
         meta["strength"] = body.strength
-    return GenerationSpec(body.prompt, body.negative_prompt, body.n, seed, key, image, body.stream, meta)
+    if control_input is not None:
+        meta["control"] = {"kind": control.kind, "strength": control_input.strength,
+                           "mask": control_input.mask is not None}
+    return GenerationSpec(body.prompt, body.negative_prompt, body.n, seed, key, image, body.stream, meta,
+                          control_input)
 
 
 def parse_multipart(content_type: str, raw: bytes) -> tuple[dict[str, str], dict[str, bytes]]:
@@ -219,7 +310,7 @@ def parse_multipart(content_type: str, raw: bytes) -> tuple[dict[str, str], dict
 
 
 FORM_INTS = ("n", "seed", "steps_c", "steps_b")
-FORM_FLOATS = ("cfg_c", "cfg_b", "strength")
+FORM_FLOATS = ("cfg_c", "cfg_b", "strength", "control_strength")
 
 
 def form_to_body(fields: dict[str, str]) -> dict[str, Any]:

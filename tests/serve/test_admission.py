@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import socket
 import threading
 import time
@@ -39,7 +40,9 @@ BAD = [  # (endpoint, body kwargs for httpx, expected status, words in the reaso
      "cannot be decoded as an image"),
     ("edits", {"data": {"prompt": "a"}, "files": {"other": ("x.png", PNG_1PX, "image/png")}}, 400, "other"),
     ("edits", {"files": {"image": ("x.png", PNG_1PX, "image/png"), "mask": ("m.png", PNG_1PX, "image/png")},
-               "data": {"prompt": "a"}}, 400, "no inpainting masks"),
+               "data": {"prompt": "a"}}, 400, "mask: this server has no ControlNet loaded"),
+    ("edits", {"files": {"image": ("x.png", PNG_1PX, "image/png"), "control_image": ("c.png", PNG_1PX, "image/png")},
+               "data": {"prompt": "a"}}, 400, "start the server with --controlnet canny|inpainting|sr"),
     ("edits", {"files": {"image": ("x.png", PNG_1PX, "image/png")}, "data": {"prompt": "a", "n": "two"}}, 422,
      "'two' is not a number"),
     ("edits", {"json": {"prompt": "a"}}, 400, "multipart/form-data"),
@@ -47,6 +50,8 @@ BAD = [  # (endpoint, body kwargs for httpx, expected status, words in the reaso
     ("generate", {"content": b'{"prompt": "' + b"a" * (30 * 2**20) + b'"}'}, 413, "the limit is"),
     ("generate", {"json": {"prompt": "a", "image": "%%%"}}, 400, "not base64"),
     ("generate", {"json": {"prompt": "a", "image": "aGVsbG8="}}, 400, "cannot be decoded as an image"),
+    ("generate", {"json": {"prompt": "a", "control_image": base64.b64encode(PNG_1PX).decode()}}, 400,
+     "control_image: this server has no ControlNet loaded"),
 ]
 PATHS = {"generations": "/v1/images/generations", "edits": "/v1/images/edits", "generate": "/v1/generate"}
 

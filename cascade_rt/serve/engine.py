@@ -9,8 +9,9 @@ whatever it was batched with (up to the batch-size dependence of the kernels; te
 
 ControlNet: each request with a control image gets its projections computed once, for its own rows
 (`control_conditioning`, as `pipe(..., control_image=...)` does); the batch's `cnet` is their concatenation in row
-order, with zero projections (which add nothing) for the rows of requests without one. A batch where no request
-has a control image runs without `cnet`.
+order, with zero projections (which add nothing: those rows get exactly what they get without) for the rows of
+requests without one. With a ControlNet loaded every batch carries `cnet`, even one without any control image,
+so all batches of a shape have one input signature and replay the same CUDA graphs.
 
 Two phases, as in `runtime/throughput.py`: `prior` (text encoder, Stage C and, for streamed requests, the
 previewer) and `decoder` (Stage B, Stage A). On a CUDA device in the resident memory mode the server runs the prior
@@ -84,22 +85,21 @@ class BatchEngine:
 
     def warmup(self, sizes: Sequence[tuple[int, int]], max_batch: int, steps: int = 2) -> float:
         """Run every batch size 1..max_batch at every served size (largest first: graphs share one pool), then
-        freeze the CUDA graphs, so no capture happens while serving. With a ControlNet, each shape also runs with
-        a control image (Stage C then takes `cnet`: other graphs; the filter's packages are checked too).
-        Returns the seconds it took."""
+        freeze the CUDA graphs, so no capture happens while serving. With a ControlNet, the warm-up requests send a
+        grey control image (its filter runs, so a missing package fails the start, not a request). Returns the
+        seconds it took."""
         t0 = time.perf_counter()
         shapes = sorted(((b, h, w) for h, w in sizes for b in range(1, max_batch + 1)),
                         key=lambda s: s[0] * s[1] * s[2], reverse=True)
         kind = self.control_support.kind
         for batch, height, width in shapes:
             key = BatchKey(height, width, steps, steps, SAMPLING["c"].cfg, SAMPLING["b"].cfg)  # the default CFG graphs
-            controls = [None]
+            control = None
             if kind is not None:
                 keep_all = Image.new("L", (width, height), 0) if kind == "inpainting" else None
-                controls.append(ControlInput(Image.new("RGB", (width, height), (128, 128, 128)), keep_all))
-            for control in controls:
-                spec = GenerationSpec("warm-up", "", batch, 0, key, control=control)
-                self.decoder(self.prior([spec]))
+                control = ControlInput(Image.new("RGB", (width, height), (128, 128, 128)), keep_all)
+            spec = GenerationSpec("warm-up", "", batch, 0, key, control=control)
+            self.decoder(self.prior([spec]))
         if hasattr(self.pipe, "freeze_graphs"):
             self.pipe.freeze_graphs()
         return time.perf_counter() - t0
@@ -167,24 +167,27 @@ class BatchEngine:
         return PriorState(list(specs), key, gens, latent_c, embeds.pooled, embeds.u_pooled, timings)
 
     def _control(self, specs: list[GenerationSpec], latent_hw: Sequence[int], timer: WallTimer) -> dict | None:
-        """{'cnet': per block, the projections of every row} for Stage C, or None when no request has a control
-        image. Each request's projections are computed once for its n rows; rows without control get zeros."""
-        if all(s.control is None for s in specs):
+        """{'cnet': the official list (one entry per block index), each entry the projections of every row} for
+        Stage C, or None without a ControlNet. Each request's projections are computed once for its n rows; the
+        rows of requests without a control image get zeros."""
+        ext = getattr(self.pipe, "extensions", None)
+        if ext is None or ext.controlnet is None:
             return None
         with timer.section("controlnet"):
-            parts = [None if s.control is None else control_conditioning(
+            parts = [self._zero_cnet(ext.controlnet, s.n, latent_hw) if s.control is None else control_conditioning(
                 self.pipe, s.control.image, s.control.mask, s.control.strength, latent_hw, s.n)["cnet"]
                 for s in specs]
-            template = next(p for p in parts if p is not None)
-            cnet: list[Tensor | None] = []
-            for block, like in enumerate(template):
-                if like is None:
-                    cnet.append(None)
-                    continue
-                rows = [p[block] if p is not None else like.new_zeros((s.n, *like.shape[1:]))
-                        for p, s in zip(parts, specs)]
-                cnet.append(torch.cat(rows))
+            cnet = [None if entry is None else torch.cat([p[block] for p in parts])
+                    for block, entry in enumerate(parts[0])]
         return {"cnet": cnet}
+
+    def _zero_cnet(self, controlnet: Any, rows: int, latent_hw: Sequence[int]) -> list[Tensor | None]:
+        """Zero projections for `rows` rows, laid out as `prepare_control` lays out real ones."""
+        out: list[Tensor | None] = [None] * (max(controlnet.proj_blocks) + 1)
+        for block in controlnet.proj_blocks:
+            out[block] = torch.zeros((rows, controlnet.c_proj, *latent_hw), dtype=self.pipe.dtypes["c"],
+                                     device=self.pipe.device)
+        return out
 
     def _decoder(self, state: PriorState) -> BatchOutput:
         pipe, key = self.pipe, state.key

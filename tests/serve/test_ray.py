@@ -1,4 +1,5 @@
-"""Ray Serve: a local cluster with two tiny replicas; one killed under load is replaced, its requests end in 5xx."""
+"""Ray Serve: a local cluster with two tiny replicas; one killed under load is replaced, its requests end in 5xx.
+The replicas load an inpainting ControlNet: control images pass through the one-deployment and the split apps."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
 pytestmark = pytest.mark.slow  # a Ray cluster and three replica starts: about a minute on 2 CPU cores
+PIPELINE = {"random_weights": True, "preset": "tiny", "device": "cpu", "dtype": "float32", "controlnet": "inpainting"}
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +28,7 @@ def ray_url():
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         config = ServeConfig(sizes=((256, 256),), max_batch=2, max_wait_ms=20, warmup_steps=0, random_weights=True)
-        app = build_app({"random_weights": True, "preset": "tiny", "device": "cpu", "dtype": "float32"}, config,
-                        num_replicas=2, cpus_per_replica=1)
+        app = build_app(dict(PIPELINE), config, num_replicas=2, cpus_per_replica=1)
         serve.run(app, name="cascade-rt", route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -108,8 +109,7 @@ def test_split_stage_c_and_stage_ba_deployments_compose_one_request_path(ray_url
     from cascade_rt.serve.ray_app import build_split_app
 
     config = ServeConfig(sizes=((256, 256),), max_batch=2, max_wait_ms=20, warmup_steps=0, random_weights=True)
-    app = build_split_app({"random_weights": True, "preset": "tiny", "device": "cpu", "dtype": "float32"}, config,
-                          cpus_per_replica=0.5, name="Split")
+    app = build_split_app(dict(PIPELINE), config, cpus_per_replica=0.5, name="Split")
     serve.run(app, name="split", route_prefix="/split")
     names = {a["name"].split("#")[1] for a in ray.util.list_named_actors(all_namespaces=True)
              if a["name"].startswith("SERVE_REPLICA::split#")}
@@ -128,4 +128,33 @@ def test_split_stage_c_and_stage_ba_deployments_compose_one_request_path(ray_url
                                                                      height=256, width=256, **FAST).images):
         assert np.array_equal(image, same)
         assert np.abs(image.astype(float) - np.asarray(want, dtype=float)).mean() < 1.0
+
+    # a control image and mask travel to the Stage C deployment, which computes the projections
+    import torch
+
+    from cascade_rt import load_pipeline
+
+    control = Image.fromarray(np.random.default_rng(2).integers(0, 255, (256, 256, 3), dtype=np.uint8))
+    mask = Image.new("L", (256, 256), 0)
+    mask.paste(255, (32, 32, 160, 200))
+
+    def b64(image):
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode()
+
+    body = {"prompt": "a kite", "seed": 22, "control_image": b64(control), "mask": b64(mask), "control_strength": 2.0,
+            **FAST}
+    split = httpx.post(f"{ray_url}/split/v1/generate", json=body, timeout=120)
+    whole = httpx.post(f"{ray_url}/v1/generate", json=body, timeout=120)
+    assert split.status_code == 200 and whole.status_code == 200, split.text[:300]
+    refused = httpx.post(f"{ray_url}/split/v1/generate", json={"prompt": "a", "mask": b64(mask)}, timeout=30)
+    assert refused.status_code == 400 and "mask without a control image" in refused.json()["error"]["message"]
+    served = [np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB"), dtype=float) for r in (split, whole)]
+    assert np.array_equal(served[0], served[1])
+    pipe = load_pipeline(**{**PIPELINE, "dtype": torch.float32, "seed": 0})
+    kw = dict(seed=22, height=256, width=256, **FAST)
+    want = np.asarray(pipe("a kite", control_image=control, mask=mask, control_strength=2.0, **kw).images[0], float)
+    plain = np.asarray(pipe("a kite", **kw).images[0], float)
+    assert np.abs(served[0] - want).mean() < 0.1 * np.abs(want - plain).mean()  # up to the thread count's rounding
     serve.delete("split")

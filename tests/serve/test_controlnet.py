@@ -220,3 +220,19 @@ def test_serve_command_loads_the_controlnet():
                               "--controlnet", "sr"])
     pipe = load_from_args(args)
     assert pipe.extensions.control == "sr" and pipe.extensions.controlnet_source == "random:seed=7"
+
+
+def test_the_openai_client_sends_a_control_image_and_an_rgba_mask(cnet_server, cnet_pipe):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{cnet_server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+    control = gradient(5)
+    rgba = np.zeros((256, 256, 4), dtype=np.uint8)  # OpenAI's mask: transparent = edit, here all but a band
+    rgba[:, :128, 3] = 255
+    result = client.images.edit(image=("c.png", png(control), "image/png"),
+                                mask=("m.png", png(Image.fromarray(rgba, mode="RGBA")), "image/png"),
+                                prompt="a red cube", size="256x256", extra_body={"seed": 9, "control_strength": 0.6,
+                                                                                 **FAST})
+    got = as_array(Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json))))
+    want = cnet_pipe("a red cube", seed=9, control_image=control, mask=rect_mask((128, 0, 256, 256)),
+                     control_strength=0.6, **SIZE, **FAST)
+    assert np.array_equal(got, as_array(want.images[0]))

@@ -307,6 +307,11 @@ def load_lora(
     layer_keys = {k for k in keys if k.startswith("weights.")}
     embed_keys = {k for k in keys if k.startswith("embeddings.")}
     if not layer_keys:
+        from cascade_rt.models.lora_formats import convert_foreign  # builds on this module
+
+        converted = convert_foreign(state, model, where=where, digest=digest, scale=scale, rank=rank, filters=filters)
+        if converted is not None:  # a diffusers/PEFT or kohya-style LoRA of the attention layers
+            return converted
         layout = next((name for pat, name in FOREIGN_LAYOUTS if any(pat in k for k in keys)), None)
         what = f"the {layout} LoRA layout" if layout else f"keys like {', '.join(sorted(keys)[:3]) or '(none)'}"
         raise WeightsError(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -69,19 +70,26 @@ def lora_spec(unet, seed, *, rank=4, std=0.2, skip=(), ranks=None):
     return spec
 
 
+def module_name(name: str, naming: str) -> str:
+    """A diffusers module name in another naming: 'split' = the official classes with the attention split into
+    Linear layers (sd-scripts, ComfyUI: attention.attn.to_q, attention.attn.out_proj), 'omi' = OneTrainer's
+    model-standard names (attention.attn.in_proj.0/1/2, attention.attn.out_proj), 'diffusers' = unchanged."""
+    if naming == "diffusers":
+        return name
+    name = name.replace(".attention.to_out.0", ".attention.attn.out_proj")
+    if naming == "omi":
+        return re.sub(r"\.attention\.to_([qkv])$", lambda m: f".attention.attn.in_proj.{'qkv'.index(m[1])}", name)
+    return name.replace(".attention.to_", ".attention.attn.to_")
+
+
 def kohya_name(name: str, prefix: str, naming: str) -> str:
-    """The kohya-style module name: `naming` 'split' = the official classes with split attention (sd-scripts,
-    ComfyUI: attention.attn.to_q, attention.attn.out_proj), 'diffusers' = diffusers' module names."""
-    if naming == "split":
-        name = name.replace(".attention.to_out.0", ".attention.attn.out_proj")
-        name = name.replace(".attention.to_", ".attention.attn.to_")
-    return prefix + name.replace(".", "_")
+    return prefix + module_name(name, naming).replace(".", "_")
 
 
 def write_kohya(spec, path, *, alphas=None, prefix="lora_unet_", naming="split", dotted=False):
     state = {}
     for name, (a, b) in spec.items():
-        key = f"{prefix}{name}" if dotted else kohya_name(name, prefix, naming)
+        key = prefix + module_name(name, naming) if dotted else kohya_name(name, prefix, naming)
         state[f"{key}.lora_down.weight"], state[f"{key}.lora_up.weight"] = a, b
         if alphas and name in alphas:
             state[f"{key}.alpha"] = torch.tensor(float(alphas[name]))
@@ -161,6 +169,7 @@ def test_peft_layout_equals_diffusers_reference(stage_c, unet, tmp_path, gen, ca
     ("lora_prior_unet_", "split", False),  # OneTrainer's saved files
     ("lora_prior_unet_", "diffusers", False),  # OneTrainer's older names: attention_to_q, attention_to_out_0
     ("lora_prior_unet.", "diffusers", True),  # OneTrainer's dotted internal names
+    ("unet.", "omi", True),  # OneTrainer's model-standard (OMI) names
 ])
 @torch.no_grad()
 def test_kohya_layouts_equal_diffusers_reference(stage_c, unet, tmp_path, gen, prefix, naming, dotted):

@@ -25,12 +25,13 @@ alpha (the update is `scale * alpha / r * B @ A`, r = the rows of A), per layer,
    makes it `alpha / sqrt(r)`; DoRA and LoRA biases are refused (not a `W + B @ A` update);
 4. alpha = r (kohya's and diffusers' default: the plain `B @ A`).
 
-Conversion (exact: rows and columns are placed, nothing is approximated): the q, k, v LoRAs of a block become one
-LoRA of `in_proj_weight` with `lora_down` = [A_q; A_k; A_v] and `lora_up` the block-diagonal of the B's, each times
-its alpha / r (a component the file lacks contributes nothing); `to_out.0` / `out_proj` maps to `attn.out_proj`.
-Every layer is then zero-padded to one rank R (the largest such combined rank; rank-1 zeros for targets the file
-does not touch) and `lora_up` multiplied by R, so the result is an official LoRA (alpha 1, one rank): merging,
-engines' manifests and switching treat it like any other, and `save_lora` writes it as an official file.
+Conversion (rows and columns are placed; nothing is approximated, only the alpha / r and R factors round): the q,
+k, v LoRAs of a block become one LoRA of `in_proj_weight` with `lora_down` = [A_q; A_k; A_v] and `lora_up` the
+block-diagonal of the B's, each times its alpha / r (a component the file lacks contributes nothing); `to_out.0` /
+`out_proj` maps to `attn.out_proj`. Every layer is then zero-padded to one rank R (the largest such combined rank;
+zeros for the targets the file does not touch) and `lora_up` multiplied by R, so the result is an official LoRA
+(alpha 1, one rank): merging, engines' manifests and switching treat it like any other, and `save_lora` writes it as
+an official file.
 
 LoRAs on other layers (feed-forward, convolutions, mappers, `kv_mapper`) or on the text encoder are refused with
 their names, not dropped: the official LoRA, and so `LoRAMerger`, patches the attention layers only.
@@ -53,7 +54,7 @@ from cascade_rt.errors import WeightsError
 from cascade_rt.models.lora import LoRA, LoRATarget, LoRAWeights, lora_targets
 
 _PARTS = (  # key suffix -> role; the module name is what precedes it
-    (re.compile(r"^(?P<m>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[\w-]+))?\.weight$"), "peft"),
+    (re.compile(r"^(?P<m>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[\w-]+))?\.weight$"), "PEFT/diffusers"),
     (re.compile(r"^(?P<m>.+)\.lora_(?P<ab>down|up)\.weight$"), "kohya"),
     (re.compile(r"^(?P<m>.+)\.lora\.(?P<ab>down|up)\.weight$"), "diffusers (old)"),
 )
@@ -71,7 +72,6 @@ _ATTN = re.compile(r"^(?P<side>down|up)_blocks_(?P<level>\d+)_(?P<index>\d+)_att
                    r"(?P<proj>to_q|to_k|to_v|in_proj_0|in_proj_1|in_proj_2|to_out_0|out_proj)$")
 _PROJ = {"to_q": 0, "in_proj_0": 0, "to_k": 1, "in_proj_1": 1, "to_v": 2, "in_proj_2": 2,
          "to_out_0": "out", "out_proj": "out"}
-_NAMES = ("to_q", "to_k", "to_v")
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -120,8 +120,7 @@ def parse_foreign(state: Mapping[str, Tensor], where: str) -> tuple[str, dict[st
                            "(lora_A/lora_B, lora_down/lora_up, alpha) only")
     if len(adapters) > 1:
         raise WeightsError(f"{where} holds several PEFT adapters ({sorted(adapters)}); save one adapter per file")
-    layout = " + ".join(sorted(layouts))
-    return ("kohya" if layout == "kohya" else layout), layers
+    return " + ".join(sorted(layouts)), layers
 
 
 def _strip(name: str) -> tuple[str, str]:
@@ -129,8 +128,8 @@ def _strip(name: str) -> tuple[str, str]:
     for prefix in _TE_PREFIXES:
         if name.startswith(prefix):
             return "te", name[len(prefix):].replace(".", "_")
-    for prefix in _UNET_PREFIXES:
-        name = name[len(prefix):] if name.startswith(prefix) else name
+    while prefix := next((p for p in _UNET_PREFIXES if name.startswith(p)), None):  # e.g. prior.base_model.model.
+        name = name[len(prefix):]
     return "unet", name.replace(".", "_")
 
 
@@ -147,7 +146,10 @@ def read_lora_config(where: str) -> tuple[dict | None, str]:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get(METADATA_KEY)
         if raw:
-            config = json.loads(raw)
+            try:
+                config = json.loads(raw)
+            except ValueError as exc:
+                raise WeightsError(f"{where}: its {METADATA_KEY} header is not valid JSON ({exc})") from None
             prefixed = {k.split(".", 1)[0] for k in config if "." in k}
             comp = next((p for p in ("prior", "unet", "transformer") if p in prefixed), None)
             if comp:  # a pipeline's save_lora_weights: "<component>.<field>"
@@ -277,7 +279,7 @@ def convert_foreign(
     if rank is not None and (bad := next((n for n, layer in layers.items() if layer.rank != rank), None)):
         raise WeightsError(f"{where} is a rank-{layers[bad].rank} LoRA ({bad}), rank {rank} was asked for; pass "
                            f"rank={layers[bad].rank} or the LoRA of rank {rank}")
-    config, config_text = read_lora_config(where) if "peft" in layout else (None, "")
+    config, config_text = read_lora_config(where) if "PEFT" in layout else (None, "")
     if config and config.get("use_dora"):
         raise WeightsError(f"{where}'s LoRA config says use_dora: DoRA is not a W + B @ A update; "
                            "cascade-rt loads plain LoRAs only")

@@ -23,7 +23,7 @@ from cascade_rt.export.engine import check_inputs, named_inputs
 from cascade_rt.export.graph_modules import stage_graph
 from cascade_rt.export.manifest import Manifest
 from cascade_rt.export.onnx_export import example_dims, export_dynamic_shapes, heartbeat, model_precision
-from cascade_rt.export.specs import Dims, StageSpec
+from cascade_rt.export.specs import PRECISIONS, Dims, StageSpec
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +88,19 @@ class AotiEngine:
             self.runner = torch._inductor.aoti_load_package(str(self.path), device_index=index)
         except Exception as exc:  # corrupt zip, ABI mismatch, wrong device: all refuse the same way
             raise EngineError(f"could not load AOTInductor package {self.path}: {exc}") from exc
+
+    def load_constants(self, weights: Mapping[str, Tensor]) -> None:
+        """Replace some of the loaded package's constants (named as the exported module's parameters) with new
+        values, cast to the package's precision and device; the file on disk is unchanged (a LoRA switch)."""
+        self.load()
+        known = set(self.runner.get_constant_fqns())
+        unknown = sorted(set(weights) - known)
+        if unknown:
+            raise EngineError(f"{self.path.name} has no constants {unknown[:3]} (folded into the compiled code?); "
+                              "load the pipeline again with the new --lora")
+        dtype = PRECISIONS[self.precision]
+        values = {k: v.detach().to(self.device, dtype).contiguous() for k, v in weights.items()}
+        self.runner.load_constants(values, check_full_update=False)
 
     def __call__(self, feed: Mapping[str, Tensor] | None = None, /, **kw: Tensor) -> dict[str, Tensor]:
         """Inputs of another float dtype are cast to the engine's."""

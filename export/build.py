@@ -25,6 +25,7 @@ from cascade_rt.export.graph_modules import run_graph, stage_graph
 from cascade_rt.export.manifest import Manifest, device_info, library_versions
 from cascade_rt.export.onnx_export import export_onnx
 from cascade_rt.export.opener import open_engine_files
+from cascade_rt.export.refit import REFIT_STAGES, make_plan
 from cascade_rt.export.specs import CFG_STAGES, GRAPH_COMPONENT, GRAPHS, PRECISIONS, Dims, StageSpec, make_spec
 from cascade_rt.export.trt_engine import build_engine, build_settings
 from cascade_rt.export.validate import validate
@@ -49,6 +50,7 @@ class EngineRequest:
     dynamic: bool = False
     device: str = "cpu"
     extensions: str = ""  # canonical JSON of the LoRAs / ControlNet merged or exported (docs/extensions.md)
+    refit: bool = False  # TensorRT built with REFIT: its LoRA weights can be replaced in memory (export/refit.py)
 
     def __post_init__(self) -> None:
         if self.stage not in GRAPHS:
@@ -57,6 +59,8 @@ class EngineRequest:
             raise ConfigError(f"unknown engine format {self.format!r}; choose one of {', '.join(FORMATS)}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.refit and self.format != "tensorrt":
+            raise ConfigError(f"refit is a TensorRT build option; {self.format} engines switch LoRAs without it")
         if self.stage not in CFG_STAGES and self.dims.cfg:  # CFG does not change these graphs: one engine
             object.__setattr__(self, "dims", replace(self.dims, cfg=False))
 
@@ -67,7 +71,8 @@ class EngineRequest:
         cfg = "-cfg" if d.cfg else ""
         weights = self.weights_hash.rpartition(":")[2][:10] or "w"  # two checkpoints of a preset: two names
         ext = f"-ext-{hashlib.sha256(self.extensions.encode()).hexdigest()[:10]}" if self.extensions else ""
-        return f"{self.stage}-{self.preset}-{weights}-{self.precision}-{shape}{cfg}{ext}-{self.format}"
+        refit = "-refit" if self.refit else ""
+        return f"{self.stage}-{self.preset}-{weights}-{self.precision}-{shape}{cfg}{ext}{refit}-{self.format}"
 
     @property
     def engine_file(self) -> str:
@@ -75,7 +80,7 @@ class EngineRequest:
 
     def onnx_source(self) -> "EngineRequest":
         """The ONNX graph a TensorRT engine is built from (itself cached as an 'onnx' engine)."""
-        return replace(self, format="onnx", device="cpu")
+        return replace(self, format="onnx", device="cpu", refit=False)
 
 
 def resolve_preset(group_or_name: str, stage: str) -> str:
@@ -123,7 +128,7 @@ def base_manifest(request: EngineRequest, spec: StageSpec) -> Manifest:
         dynamic=request.dynamic,
         profile={k: [list(s) for s in v] for k, v in spec.profile(request.dims, request.dynamic).items()},
         engine_file=request.engine_file, versions=library_versions(), device=device_info(request.device),
-        extensions=json.loads(request.extensions) if request.extensions else {},
+        extensions=json.loads(request.extensions) if request.extensions else {}, refit=request.refit,
     )
 
 
@@ -179,14 +184,18 @@ def build_files(
         result = export_onnx(model, spec, out, dims=request.dims, dynamic=request.dynamic, opset=options.get("opset"))
         files = [f.name for f in result.files]
         manifest.build.update(opset=result.opset, external_data=result.external_data, ops=result.ops)
+        if request.stage in REFIT_STAGES:  # where each LoRA target landed in the graph (export/refit.py)
+            manifest.build["refit_plan"] = make_plan(out, model).to_dict()
     elif request.format == "aoti":
         compile_aoti(model, spec, out, dims=request.dims, dynamic=request.dynamic, device=request.device)
         files = [out.name]
     else:
         if onnx_source is None:
             raise ConfigError("a TensorRT build needs its ONNX graph (EngineCache builds it first)")
-        settings = build_settings(spec, request.dims, request.dynamic, **options)
+        settings = build_settings(spec, request.dims, request.dynamic, **{**options, "refit": request.refit})
         manifest.build.update(settings=settings, **build_engine(onnx_source, out, settings, timing_cache=timing_cache))
+        if request.refit:  # TensorRT keeps the ONNX initializer names: the graph's plan is the engine's
+            manifest.build["refit_plan"] = make_plan(onnx_source, model).to_dict()
         files = [out.name]
     manifest.build.update(seconds=round(time.perf_counter() - start, 2), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     manifest.record_files(workdir, files)

@@ -299,5 +299,5 @@ def request_of(m: Manifest) -> EngineRequest:
     return EngineRequest(
         stage=m.stage, preset=m.preset, format=m.format, precision=m.precision, weights_hash=m.weights_hash,
         dims=Dims(**m.dims), dynamic=m.dynamic, device="cuda" if m.device.get("type") == "cuda" else "cpu",
-        extensions=json.dumps(m.extensions, sort_keys=True) if m.extensions else "",
+        extensions=json.dumps(m.extensions, sort_keys=True) if m.extensions else "", refit=m.refit,
     )

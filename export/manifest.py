@@ -116,6 +116,7 @@ class Manifest:
     build: dict[str, Any] = field(default_factory=dict)  # seconds, created, opset, options
     validation: dict[str, Any] = field(default_factory=dict)  # status, tolerance, outputs, errors
     extensions: dict[str, Any] = field(default_factory=dict)  # LoRA files/hashes/scales, ControlNet (if any)
+    refit: bool = False  # TensorRT built with REFIT (weights replaceable in memory; build.refit_plan names them)
     manifest_version: int = MANIFEST_VERSION
 
     # ---- io
@@ -187,7 +188,7 @@ class Manifest:
             "manifest_version": self.manifest_version, "stage": self.stage, "preset": self.preset,
             "format": self.format, "precision": self.precision, "weights_hash": self.weights_hash,
             "spec": self.spec, "dims": self.dims, "dynamic": self.dynamic, "profile": self.profile,
-            "extensions": self.extensions,
+            "extensions": self.extensions, "refit": self.refit,
         }
 
     def mismatches(self, want: "Manifest") -> list[str]:
@@ -212,7 +213,7 @@ _REQUIRED = ("stage", "preset", "format", "precision", "weights_hash", "spec", "
 _FIELD_TYPES: dict[str, Any] = {
     "stage": str, "preset": str, "format": str, "precision": str, "weights_hash": str, "spec": dict, "dims": dict,
     "dynamic": bool, "profile": dict, "engine_file": str, "files": dict, "versions": dict, "device": dict,
-    "build": dict, "validation": dict, "manifest_version": int, "extensions": dict,
+    "build": dict, "validation": dict, "manifest_version": int, "extensions": dict, "refit": bool,
 }
 
 

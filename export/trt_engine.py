@@ -52,6 +52,7 @@ def build_settings(spec: StageSpec, dims: Dims, dynamic: bool, **options: Any) -
         "weight_streaming": bool(options.get("weight_streaming", False)),
         "workspace_bytes": options.get("workspace_bytes"),
         "strongly_typed": True,
+        "refit": bool(options.get("refit", False)),
     }
 
 
@@ -78,6 +79,8 @@ def build_engine(
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(settings["workspace_bytes"]))
     if settings["weight_streaming"]:
         config.set_flag(trt.BuilderFlag.WEIGHT_STREAMING)
+    if settings.get("refit"):  # weights may be replaced after the build (LoRA switch: refit_weights)
+        config.set_flag(trt.BuilderFlag.REFIT)
     profile = builder.create_optimization_profile()
     for name, (lo, opt, hi) in settings["profile"].items():
         profile.set_shape(name, lo, opt, hi)
@@ -102,6 +105,42 @@ def build_engine(
         os.replace(tmp, cache_path)
     logger.info("TensorRT built %s in %.1f s", Path(plan_path).name, seconds)
     return {"seconds": seconds, "rewrites": rewrites, "tensorrt": trt.__version__}
+
+
+def refit_weights(engine: "TrtEngine", weights: Mapping[str, Tensor]) -> None:
+    """Replace named weights (ONNX initializer names, which the ONNX parser keeps) of a loaded engine built with
+    REFIT, in place (`trt.Refitter`); the plan file on disk is unchanged. Values must already have the
+    initializer's layout and dtype (export/refit.py makes them)."""
+    trt = import_tensorrt()
+    engine.load()
+    if not engine.engine.refittable:
+        raise EngineError(
+            f"{engine.path.name} was built without TensorRT's REFIT flag, so its weights cannot be replaced; build a "
+            "refittable engine (load_pipeline(..., refittable=True) or `cascade-rt export --refit`) or load the "
+            "pipeline again with the new --lora"
+        )
+    log = trt.Logger(trt.Logger.WARNING)
+    refitter = trt.Refitter(engine.engine, log)
+    kept = []  # device copies must live until refit_cuda_engine returns
+    for name, value in weights.items():
+        t = value.detach().to("cuda").contiguous()
+        kept.append(t)
+        w = trt.Weights(_trt_dtype(trt, t.dtype), t.data_ptr(), t.numel())
+        if not refitter.set_named_weights(name, w, trt.TensorLocation.DEVICE):
+            raise EngineError(f"{engine.path.name}: TensorRT has no refittable weights named {name!r} (the plan is "
+                              "stale or the builder folded them); rebuild the engine")
+    missing = list(refitter.get_missing_weights())
+    if missing:
+        raise EngineError(f"{engine.path.name}: TensorRT needs these weights too before a refit (combined with the "
+                          f"ones given): {missing[:5]}; rebuild the engine for the new LoRA instead")
+    if not refitter.refit_cuda_engine():
+        raise EngineError(f"TensorRT could not refit {engine.path.name} (see the TensorRT log above)")
+    torch.cuda.synchronize()
+
+
+def _trt_dtype(trt, dtype: torch.dtype):
+    table = {torch.float32: trt.DataType.FLOAT, torch.float16: trt.DataType.HALF, torch.bfloat16: trt.DataType.BF16}
+    return table[dtype]
 
 
 def _torch_dtype(trt, dtype) -> torch.dtype:

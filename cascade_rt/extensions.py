@@ -5,7 +5,7 @@
   `compile`, `triton`, CUDA graphs and exported engines all run the LoRA model; the engine cache key and
   manifest name the LoRA files, hashes and scales (`Extensions.describe`), so a changed LoRA never reuses a stale
   engine. ReToken rows go into the text encoder's embedding table. `switch_loras(pipe, ...)` swaps LoRAs in place
-  (base weights kept: exact), for backends that read the live weights (eager, compile, triton, CUDA graphs).
+  (base weights kept: exact); on engine backends it then writes them into the loaded engine (export/refit.py).
 * A ControlNet (`cascade_rt.models.controlnet`) runs eagerly once per prompt; its projections enter Stage C's
   `denoise` as the extra input `cnet`. Engine backends export a separate denoiser variant (`stage_c_cnet`) with
   that input; `Stage C.control_blocks` names the blocks it takes projections for.
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cascade_rt.errors import ConfigError
+from cascade_rt.errors import CascadeError, ConfigError
 from cascade_rt.models.controlnet import (
     CONTROLS,
     ControlNet,
@@ -42,7 +42,7 @@ from cascade_rt.models.lora import (
 
 logger = logging.getLogger(__name__)
 
-ENGINE_BACKENDS = ("onnxruntime", "tensorrt", "aoti")  # weights baked into the artifact
+ENGINE_BACKENDS = ("onnxruntime", "tensorrt", "aoti")  # weights in the artifact: a switch updates the engine
 
 
 @dataclass(frozen=True)
@@ -156,15 +156,19 @@ def control_conditioning(pipe: Any, image: Any, mask: Any, strength: float, late
 
 
 def switch_loras(pipe: Any, lora: Sequence[str | tuple | LoRAArg]) -> float:
-    """Replace the pipeline's LoRAs (empty: none) in place; returns the seconds the weight swap took.
+    """Replace the pipeline's LoRAs (empty: none) in place; returns the seconds the switch took.
 
-    Works where Stage C reads its live weights (eager, compile, triton, CUDA graphs: the same storage, new
-    values). An engine backend has the weights baked in: load a new pipeline (its cache keys on the LoRAs).
+    Where Stage C reads its live weights (eager, compile, triton, CUDA graphs) the merge is the switch. On an
+    engine backend the merged weights are then written into the loaded engine (`cascade_rt.export.refit`: ONNX
+    Runtime overrides the graph's initializers, TensorRT refits an engine built with `refittable=True`,
+    AOTInductor loads new constants); the engine files on disk keep the LoRA they were built with. Where that
+    is refused, the previous LoRAs are merged back and the error says what to do.
     """
-    backend = getattr(getattr(pipe, "runners", {}).get("c"), "backend", "eager")
-    if backend in ENGINE_BACKENDS:
-        raise ConfigError(f"Stage C runs on {backend}, whose engine has the LoRA weights baked in; load the pipeline "
-                          "again with the new --lora (the engine cache keys on the LoRA files and scales)")
+    runner = getattr(pipe, "runners", {}).get("c")
+    backend = getattr(runner, "backend", "eager")
+    if backend in ENGINE_BACKENDS and getattr(runner, "engine", None) is None:
+        raise ConfigError(f"Stage C runs on {backend} without a loaded engine to update; load the pipeline again "
+                          "with the new --lora (the engine cache keys on the LoRA files and scales)")
     ext: Extensions | None = pipe.extensions
     stage_c = pipe.runners["c"].model if hasattr(pipe, "runners") else pipe.stage_c
     if ext is None:
@@ -172,7 +176,16 @@ def switch_loras(pipe: Any, lora: Sequence[str | tuple | LoRAArg]) -> float:
     if ext.loras is None:
         ext.loras = LoRASet(LoRAMerger(stage_c), ReTokenMerger.for_text_encoder(pipe.text_encoder))
     loaded = [load_lora(a.path, stage_c, scale=a.scale, tokens=a.tokens) for a in map(parse_lora, lora)]
+    previous = list(ext.loras.loras)
     seconds = ext.loras.apply(loaded)
+    if backend in ENGINE_BACKENDS:
+        from cascade_rt.export.refit import refit_engine  # engine backends only: the export layer stays unloaded
+
+        try:
+            seconds += refit_engine(runner.engine, stage_c)
+        except CascadeError:
+            ext.loras.apply(previous)  # the eager weights follow the engine, which kept its LoRA
+            raise
     ext.switch_seconds.append(seconds)
     return seconds
 

@@ -46,10 +46,12 @@ def load_engine(
     precision: str | None = None,
     force: bool = False,
     extensions: dict | None = None,
+    refit: bool = False,
 ) -> Engine:
     """The engine of `kind` ('onnxruntime', 'tensorrt', 'aoti') for `stage` ('stage_c', 'stage_b', 'stage_a', ...)
     of `model`, built and validated on first use, cached under `engine_dir` afterwards. `extensions` (the LoRAs
-    merged into `model`, the ControlNet of a 'stage_c_cnet' graph) become part of the engine's name and manifest."""
+    merged into `model`, the ControlNet of a 'stage_c_cnet' graph) become part of the engine's name and manifest;
+    `refit` builds a TensorRT engine whose weights a LoRA switch can replace (export/refit.py)."""
     if kind not in FORMATS or kind == "onnx":
         raise ConfigError(f"engine kind must be one of onnxruntime, tensorrt, aoti; got {kind!r}")
     device = torch.device(device)
@@ -68,7 +70,7 @@ def load_engine(
         stage=spec.stage, preset=preset_of(model), format=kind, precision=precision,
         weights_hash=model_fingerprint(model), dims=dims, dynamic=not static,
         device="cuda" if device.type == "cuda" else "cpu",
-        extensions=json.dumps(extensions, sort_keys=True) if extensions else "",
+        extensions=json.dumps(extensions, sort_keys=True) if extensions else "", refit=refit,
     )
     options = {"weights_source": {"model_id": model_id}}
     return EngineCache(engine_dir).ensure(request, model, force=force, options=options)

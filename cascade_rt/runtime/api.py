@@ -156,6 +156,7 @@ def load_pipeline(
     controlnet: str | None = None,
     controlnet_weights: str | Path | None = None,
     saliency_model: str | Path | None = None,
+    refittable: bool = False,
 ) -> RuntimePipeline:
     """A ready pipeline. weights: a folder (official or diffusers layout) or None with random_weights=True
     (seeded, untrained: for tests and speed). preset: tiny | lite | full | edge (lite models, sequential memory).
@@ -163,7 +164,8 @@ def load_pipeline(
     (default: the preset's). engine_shapes: (batch, height, width) the engine backends build profiles for.
     lora: LoRA files ('file.safetensors' or 'file.safetensors:0.8'), merged into Stage C before any backend is
     built; controlnet: 'canny' | 'inpainting' | 'sr' with its checkpoint (controlnet_weights, or the official file
-    name in the weights folder; random with random_weights). See docs/extensions.md.
+    name in the weights folder; random with random_weights). refittable: build Stage C's TensorRT engine with
+    REFIT, so `switch_loras` can replace its LoRA weights (onnxruntime and aoti need nothing). See docs/extensions.md.
     """
     chosen = runtime_preset(preset)
     models = chosen.size
@@ -197,7 +199,7 @@ def load_pipeline(
     )
     ctx = BuildContext(
         device=device, dtype=dtype, shapes=tuple(engine_shapes), engine_dir=Path(engine_dir), model_id=model_id,
-        options={"extensions": extensions.describe() if extensions else {}},
+        options={"extensions": extensions.describe() if extensions else {}, "refit": refittable},
     )
     runners = {s: build_runner(s, getattr(eager, f"stage_{s}"), per_stage[s], ctx) for s in STAGES}
     components = {"text": eager.text_encoder, "image": eager.image_encoder, "effnet": eager.effnet,

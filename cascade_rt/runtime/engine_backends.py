@@ -68,6 +68,7 @@ class _EngineBackend:
     summary = ""
     tolerance = Tolerance(fp32=1e-3, bf16=3e-2)
     graph_safe = False
+    refit_option = False  # builds a refittable engine when the pipeline asks for one (options['refit'])
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         raise NotImplementedError
@@ -87,12 +88,15 @@ class _EngineBackend:
             self.kind, "stage_c_cnet" if control_blocks else SPEC_STAGE[stage], model, shapes=ctx.shapes,
             engine_dir=ctx.engine_dir, model_id=ctx.model_id, device=ctx.device, cfg=self.cfg(stage),
             extensions=ctx.options.get("extensions") if stage == "c" else None,
+            refit=self.refit_option and stage == "c" and bool(ctx.options.get("refit")),
         )
         engine.load()
         width = resblock_widths(model)[control_blocks[0]] if control_blocks else 0
         step = engine_step(stage, engine, ctx.dtype, control_blocks, width)
-        return StageRunner(stage, model, backend=self.name, graph_safe=self.graph_safe, tolerance=self.tolerance,
-                           step=step)
+        runner = StageRunner(stage, model, backend=self.name, graph_safe=self.graph_safe, tolerance=self.tolerance,
+                             step=step)
+        runner.engine = engine
+        return runner
 
 
 class OnnxRuntimeBackend(_EngineBackend):
@@ -122,6 +126,7 @@ class TensorRTBackend(_EngineBackend):
     summary = "TensorRT engines built from the ONNX export (strongly typed, bf16/fp32)"
     tolerance = Tolerance(fp32=2e-3, bf16=5e-2)
     graph_safe = True
+    refit_option = True
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         if device.type != "cuda" or not torch.cuda.is_available():

@@ -83,6 +83,7 @@ class StageRunner:
         self.stage, self.model, self.backend = stage, model, backend
         self.graph_safe, self.tolerance = graph_safe, tolerance
         self._step, self._conditioning = step, conditioning
+        self.engine: Any = None  # engine backends: the loaded engine `step` runs (a LoRA switch refits it)
 
     def prepare_conditioning(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         self._need(DENOISERS, "prepare_conditioning")

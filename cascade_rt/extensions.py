@@ -186,6 +186,8 @@ def switch_loras(pipe: Any, lora: Sequence[str | tuple | LoRAArg]) -> float:
         except CascadeError:
             ext.loras.apply(previous)  # the eager weights follow the engine, which kept its LoRA
             raise
+        if getattr(pipe, "graphed", {}).get("c") is not None:  # a TensorRT refit may move weights: capture again
+            pipe.graphed["c"].reset()
     ext.switch_seconds.append(seconds)
     return seconds
 

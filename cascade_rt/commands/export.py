@@ -47,6 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18; 22 for bf16 graphs)")
     p.add_argument("--builder-optimization-level", type=int, default=3, help="TensorRT builder level 0..5")
     p.add_argument("--weight-streaming", action="store_true", help="TensorRT weight streaming (small GPUs)")
+    p.add_argument("--refit", action="store_true",
+                   help="TensorRT: build Stage C refittable, so a LoRA switch replaces its weights in memory")
     add_lora_args(p, "Stage C LoRA merged before export (repeatable; the engine name and manifest record it)")
     p.add_argument("--controlnet", choices=("canny", "inpainting", "sr"), default=None,
                    help="also export the Stage C denoiser variant with this ControlNet's inputs (stage_c_cnet)")
@@ -98,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
             stage=stage, preset=source.preset, format=args.format, precision=precision,
             weights_hash=source.weights_hash, dims=dims, dynamic=args.dynamic, device=device,
             extensions=json.dumps(extensions, sort_keys=True) if extensions else "",
+            refit=args.refit and args.format == "tensorrt" and stage in ("stage_c", "stage_c_cnet"),
         )
         logger.info("[%d/%d] %s (%s, %s)", i, len(stages), request.engine_file, source.preset, args.format)
         cache.ensure(request, source.model, force=args.force, options={**options, "weights_source": source.record})

@@ -101,26 +101,29 @@ class OrtEngine:
         if not self.path.is_file():
             raise EngineError(f"ONNX graph {self.path} is missing")
         self.providers = choose_providers(self.device)
+        self.session = self._session(self._overrides)
+        logger.debug("loaded %s with %s", self.path.name, self.session.get_providers())
+
+    def _session(self, overrides: Mapping[str, tuple[np.ndarray, ort.OrtValue]]):
         options = session_options(self.opt_level, self.intra_op_threads)
-        for name, (_, value) in self._overrides.items():
+        for name, (_, value) in overrides.items():
             options.add_initializer(name, value)
         try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=self.providers)
+            return ort.InferenceSession(str(self.path), options, providers=self.providers)
         except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, NotImplemented)
             raise EngineError(f"ONNX Runtime could not load {self.path}: {exc}") from exc
-        logger.debug("loaded %s with %s", self.path.name, self.session.get_providers())
 
     def override_initializers(self, weights: Mapping[str, Tensor]) -> None:
         """A new session from the same graph file with these initializers' values replaced (the graph is not
         exported again, the file is not changed): how a LoRA switch reaches an ORT engine (export/refit.py).
-        Replaces any earlier overrides; ORT reads the values while it optimises the graph, before any run."""
+        Replaces any earlier overrides; the session uses the arrays in place, so they live as long as it does."""
         unknown = sorted(set(weights) - self._initializer_names())
         if unknown:
             raise EngineError(f"{self.path.name} has no initializers {unknown[:3]}; its refit plan is stale: "
                               "re-export the engine")
         overrides = {}
         for name, t in weights.items():
-            array = t.detach().cpu().contiguous()
+            array = t.detach().cpu().clone(memory_format=torch.contiguous_format)  # never the live parameter
             if array.dtype == torch.bfloat16:  # numpy has no bf16: hand ORT the bits with their ONNX type
                 bits = array.view(torch.int16).numpy()
                 value = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bits, ONNX_DTYPES[torch.bfloat16])
@@ -128,8 +131,8 @@ class OrtEngine:
             else:
                 values = array.numpy()  # shares the tensor's memory; ORT's value points at it
                 overrides[name] = (values, ort.OrtValue.ortvalue_from_numpy(values))
-        self.session, self._overrides = None, overrides
-        self.load()
+        self.load()  # checks and providers; the old session serves until the new one exists
+        self.session, self._overrides = self._session(overrides), overrides
 
     def _initializer_names(self) -> set[str]:
         return {t.name for t in onnx.load(str(self.path), load_external_data=False).graph.initializer}

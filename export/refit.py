@@ -144,11 +144,12 @@ def _signature(t: Tensor) -> bytes:
 class _Initializers:
     """The graph's 2-D float initializers, indexed by (shape, dtype, leading values); values read on demand."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, shapes: set[tuple[int, ...]]) -> None:
+        """Only initializers of `shapes` are read (a full Stage C graph holds 7-14 GB; its targets a sixth)."""
         self.base = path.parent
         proto = onnx.load(str(path), load_external_data=False)
         self.tensors = {t.name: t for t in proto.graph.initializer
-                        if len(t.dims) == 2 and t.data_type in _PRECISION_OF}
+                        if tuple(t.dims) in shapes and t.data_type in _PRECISION_OF}
         self.index: dict[tuple, list[str]] = {}
         for name, t in self.tensors.items():
             key = (tuple(t.dims), t.data_type, _signature(_as_torch(t, self.base)))
@@ -204,8 +205,10 @@ def _find(weight: Tensor, graph: _Initializers) -> tuple[Piece, ...] | None:
 def make_plan(onnx_path: str | Path, model: nn.Module, filters: Sequence[str] = DEFAULT_FILTERS) -> RefitPlan:
     """The refit plan of the graph at `onnx_path`, exported from `model` (a Stage C with the weights it holds)."""
     start = time.perf_counter()
-    graph = _Initializers(Path(onnx_path))
     targets = lora_targets(model, filters)
+    shapes = {tuple(shape) for t in targets for rows in _layouts(t.original())
+              for shape in ((rows[0][1] - rows[0][0], t.shape[1]), (t.shape[1], rows[0][1] - rows[0][0]))}
+    graph = _Initializers(Path(onnx_path), shapes)
     names = {id(p): n for n, p in model.named_parameters()}
     found: list[tuple[str, tuple[Piece, ...] | None]] = []
     for t in targets:

@@ -15,5 +15,6 @@ Modules (import them directly; this package imports nothing, so `cascade_rt.expo
     validate     engine vs eager on fresh random inputs, per-precision tolerances
     build        EngineRequest, per-format builders      cache  EngineCache (ensure / load / verify / clean)
     loader       load_engine(kind, stage, model, ...): the runtime's entry point; preset_of
+    refit        refit plans (where a graph holds each LoRA target) and LoRA switches on loaded engines
     sources      random-weight or weights-folder models for the CLI; model_fingerprint
 """
